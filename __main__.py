@@ -1,0 +1,5 @@
+"""Allows ``python -m fedge``."""
+
+from fedge.cli import main
+
+main()

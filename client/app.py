@@ -1,0 +1,70 @@
+"""The Flower ClientApp of fedge: Flower glue only; the work is in ``fedge.client.site``.
+
+One ClientApp serves the plain and the secure path. SecAgg+ and DP clipping
+are Flower mods that act only when the server's round asks for them, so the
+same code trains in both. torch is imported lazily: SecAgg+'s key-exchange
+stages run in a fresh process per message and need no model.
+"""
+
+from typing import Any
+
+import numpy as np
+from fedge.shared.config import RunConfig
+from flwr.app.message_type import MessageType
+from flwr.client import ClientApp, NumPyClient
+from flwr.client.mod import fixedclipping_mod, secaggplus_mod
+from flwr.common import Context, Message
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+# Key Flower's server-side DP wrapper puts in the fit config when clients must clip.
+_CLIPPING_KEY = "clipping_norm"
+
+
+class SiteClient(NumPyClient):
+    """Unpacks Flower's fit/evaluate calls, delegates to ``Site``, packs the reply."""
+
+    def __init__(self, context: Context) -> None:
+        self.cfg = RunConfig.from_flower(dict(context.run_config))
+        self.node_config = dict(context.node_config)
+
+    def _site(self) -> Any:
+        from fedge.client.site import Site
+
+        return Site(self.cfg, self.node_config)
+
+    def fit(
+        self, parameters: list[np.ndarray], config: dict[str, Any]
+    ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        return self._site().fit(parameters, config)  # type: ignore[no-any-return]
+
+    def evaluate(
+        self, parameters: list[np.ndarray], config: dict[str, Any]
+    ) -> tuple[float, int, dict[str, Any]]:
+        return self._site().evaluate(parameters, config)  # type: ignore[no-any-return]
+
+
+def client_fn(context: Context) -> Any:
+    return SiteClient(context).to_client()
+
+
+def _secaggplus_when_asked(msg: Message, ctxt: Context, call_next: Any) -> Message:
+    """Run Flower's SecAgg+ mod only for rounds the server runs with SecAgg+."""
+    if (
+        msg.metadata.message_type == MessageType.TRAIN
+        and RECORD_KEY_CONFIGS in msg.content.config_records
+    ):
+        return secaggplus_mod(msg, ctxt, call_next)  # type: ignore[no-any-return]
+    return call_next(msg, ctxt)  # type: ignore[no-any-return]
+
+
+def _clipping_when_asked(msg: Message, ctxt: Context, call_next: Any) -> Message:
+    """Run Flower's fixed-clipping mod when the server's DP wrapper sends a clipping norm."""
+    if msg.metadata.message_type == MessageType.TRAIN and any(
+        _CLIPPING_KEY in record for record in msg.content.config_records.values()
+    ):
+        return fixedclipping_mod(msg, ctxt, call_next)  # type: ignore[no-any-return]
+    return call_next(msg, ctxt)  # type: ignore[no-any-return]
+
+
+# SecAgg+ outermost: it masks what the clipping mod returns (clip on the site, then mask).
+app = ClientApp(client_fn=client_fn, mods=[_secaggplus_when_asked, _clipping_when_asked])

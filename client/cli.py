@@ -1,0 +1,126 @@
+"""``fedge client ...``: enroll this site and serve its data to the federation."""
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Enroll a data-holding site and run its SuperNode.")
+
+
+@app.command()
+def enroll(
+    server: Annotated[str, typer.Option(help="The server, HOST:PORT.")] = "",
+    name: Annotated[str, typer.Option(help="This site's name, unique in the federation.")] = "",
+    accept: Annotated[
+        Path | None, typer.Option(help="Install the operator's SITE.approved.json.")
+    ] = None,
+    ca_fingerprint: Annotated[
+        str | None, typer.Option(help="CA fingerprint the operator read out (with --accept).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace this site's existing key pair.")] = False,
+) -> None:
+    """Create this site's key pair and enrollment request, or install the approval.
+
+    Example: fedge client enroll --server fl.example.org:9092 --name hospital-a
+    """
+    from fedge.client.enrollment import create_enrollment, install_approval
+    from fedge.shared.errors import ConfigError
+
+    if accept is not None:
+        if ca_fingerprint is None:
+            from fedge.shared.enrollment_files import read_approval
+
+            offered = read_approval(accept).ca_fingerprint
+            typer.confirm(
+                f"Does CA fingerprint {offered} match what the operator read out?", abort=True
+            )
+            ca_fingerprint = offered
+        identity = install_approval(accept, ca_fingerprint)
+        typer.echo(f"{identity.site} approved; CA fingerprint {identity.ca_fingerprint}")
+        typer.echo(f"start it: fedge client start --name {identity.site} --data SPEC")
+        return
+    if not server or not name:
+        raise ConfigError("enroll needs --server HOST:PORT and --name SITE (or --accept FILE)")
+    request = create_enrollment(name, server, force=force)
+    typer.echo(
+        f"key pair created; the private key stays in {request.path.parent if request.path else '?'}"
+    )
+    typer.echo(f"send {request.path} to the server operator; key fingerprint {request.fingerprint}")
+    typer.echo(f"then: fedge client enroll --accept {name}.approved.json")
+
+
+@app.command()
+def start(
+    data: Annotated[str, typer.Option(help="This site's data: digits#0/3, a folder, a .csv.")],
+    name: Annotated[str, typer.Option(help="This site's enrolled name.")] = "site",
+    server: Annotated[str | None, typer.Option(help="The server, HOST:PORT.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="A run config to check the data against before joining.")
+    ] = None,
+    insecure: Annotated[bool, typer.Option(help="For a server started with --insecure.")] = False,
+    foreground: Annotated[bool, typer.Option(help="Stay attached (containers, systemd).")] = False,
+) -> None:
+    """Start this site's SuperNode: it trains on the data, which never leaves the site.
+
+    Example: fedge client start --name hospital-a --data /data/xrays --server fl.example.org:9092
+    """
+    from fedge.client.site_checks import check_data, check_server
+    from fedge.client.supernode import SuperNodeSpec, start_supernode
+    from fedge.shared.atomic import atomic_write_text
+    from fedge.shared.paths import site_dir
+
+    console = Console()
+    check_data(data, config)
+    key = ca = None
+    if not insecure:
+        from fedge.client.enrollment import load_site_identity
+
+        identity = load_site_identity(name)
+        server = server or identity.server_address
+        key, ca = identity.private_key_path, identity.ca_cert_path
+        if ca is None:
+            from fedge.shared.errors import SecurityError
+
+            raise SecurityError(
+                f"site {name} is not approved yet; install the approval with "
+                f"`fedge client enroll --accept {name}.approved.json`"
+            )
+    if not server:
+        from fedge.shared.errors import ConfigError
+
+        raise ConfigError("no server: pass --server HOST:PORT")
+    check_server(server)
+    folder = site_dir(name)
+    spec = SuperNodeSpec(server, name, data, folder / "logs", ca, key)
+    proc = start_supernode(spec)
+    atomic_write_text(folder / "supernode.pid", f"{proc.pid}\n")
+    console.print(f"site {name} joined {server} (pid {proc.pid}); data {data}; log {spec.log_path}")
+    if foreground:
+        try:
+            while proc.poll() is None:
+                time.sleep(1)
+        finally:
+            from fedge.shared.processes import stop_process
+
+            stop_process(proc)
+
+
+@app.command()
+def stop(name: Annotated[str, typer.Option(help="This site's name.")] = "site") -> None:
+    """Stop this site's SuperNode.
+
+    Example: fedge client stop --name hospital-a
+    """
+    from fedge.shared.paths import site_dir
+    from fedge.shared.processes import stop_process
+
+    pid_file = site_dir(name) / "supernode.pid"
+    if not pid_file.exists():
+        typer.echo(f"site {name} is not running")
+        return
+    stop_process(int(pid_file.read_text().strip()))
+    pid_file.unlink(missing_ok=True)
+    typer.echo(f"stopped site {name}")

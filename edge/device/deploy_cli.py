@@ -1,0 +1,170 @@
+"""``fedge edge agent`` and ``fedge edge serve``: thin typer commands for deployment on a device.
+
+``register(app)`` adds both to the ``fedge edge`` typer app. Torch-free: the
+heavy imports (onnxruntime via the runtime, uvicorn) happen inside the commands.
+"""
+
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+log = logging.getLogger(__name__)
+
+KeyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--key", help="Public key this device trusts [default: FEDGE_HOME/keys/signing.pub]."
+    ),
+]
+
+
+def _trusted_key(key: Path | None) -> Path:
+    from fedge.shared.paths import signing_key_path
+
+    return key if key is not None else signing_key_path().with_suffix(".pub")
+
+
+def read_token(token: str | None, token_file: Path | None) -> str:
+    """The device token from ``--token``/``$FEDGE_DEVICE_TOKEN`` or ``--token-file``.
+
+    Raises
+    ------
+    ConfigError
+        Neither or both given, or an unreadable/empty token file.
+    """
+    from fedge.shared.errors import ConfigError
+
+    if (token is None) == (token_file is None):
+        raise ConfigError("give the device token with exactly one of --token or --token-file")
+    if token is not None:
+        return token.strip()
+    assert token_file is not None
+    try:
+        text = token_file.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read token file {token_file}: {e.strerror}") from e
+    if not text:
+        raise ConfigError(f"token file {token_file} is empty")
+    if stat.S_IMODE(os.stat(token_file).st_mode) & 0o077:
+        log.warning("token file %s is readable by other users; chmod 600 it", token_file)
+    return text
+
+
+def agent(
+    server: Annotated[str, typer.Option(help="Registry URL, e.g. https://server:9443.")],
+    dir: Annotated[Path, typer.Option("--dir", help="Where versions and `current` live.")],
+    channel: Annotated[str, typer.Option(help="Channel to follow.")] = "stable",
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="FEDGE_DEVICE_TOKEN", help="Device token (prefer --token-file)."),
+    ] = None,
+    token_file: Annotated[Path | None, typer.Option(help="File holding the device token.")] = None,
+    key: KeyOpt = None,
+    ca: Annotated[Path | None, typer.Option(help="CA certificate to trust for the server.")] = None,
+    interval: Annotated[float, typer.Option(min=0.05, help="Seconds between polls.")] = 10.0,
+    once: Annotated[bool, typer.Option("--once", help="Poll once and exit.")] = False,
+) -> None:
+    """Keep DIR on the channel's version: download, verify, self-test, activate, roll back."""
+    from fedge.edge.device.agent import AgentConfig, AgentResult, run_agent, run_agent_once
+    from fedge.shared.errors import BundleError, ConnectionFailed
+    from rich.console import Console
+
+    console = Console()
+    config = AgentConfig(
+        server, channel, dir, read_token(token, token_file), _trusted_key(key), ca, interval
+    )
+
+    last: list[tuple[str, str | None, str | None]] = []
+
+    def show(result: AgentResult) -> None:
+        # A quiet loop: one line per change, not one per poll.
+        now = (result.action, result.active_version, result.error)
+        if last and last[-1] == now:
+            return
+        last[:] = [now]
+        colour = {"activated": "green", "up-to-date": "green", "no-version": "yellow"}
+        style = colour.get(result.action, "red")
+        line = f"[{style}]{result.action}[/] active={result.active_version or '-'}"
+        line += f" wanted={result.wanted_version or '-'} health={result.health}"
+        console.print(line + (f" error: {result.error}" if result.error else ""))
+
+    if not once:
+        console.print(
+            f"agent polling {server} every {interval:g}s (channel {channel}); Ctrl-C stops"
+        )
+        run_agent(config, on_result=show)
+        return
+    result = run_agent_once(config)
+    show(result)
+    if result.action == "unreachable":
+        raise ConnectionFailed(result.error or "registry unreachable")
+    if result.action in ("refused", "rolled-back"):
+        raise BundleError(result.error or f"version {result.wanted_version} refused")
+
+
+def serve(
+    bundle: Annotated[Path | None, typer.Argument(help="Bundle directory to serve.")] = None,
+    agent_dir: Annotated[
+        Path | None, typer.Option(help="Serve the agent's `current` version and follow it.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8080,
+    key: KeyOpt = None,
+    format: Annotated[str | None, typer.Option(help="Artifact format: onnx or tflite.")] = None,
+    precision: Annotated[str | None, typer.Option(help="Artifact precision: fp32 or int8.")] = None,
+    max_body_mb: Annotated[float, typer.Option(min=0.01, help="Largest request body.")] = 8.0,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="Runtime threads per inference [default: runtime's].")
+    ] = None,
+) -> None:
+    """Serve POST /predict, GET /healthz and GET /metrics for a bundle or the agent's model."""
+    from fedge.edge.device.serve import ServeConfig, run_server
+    from rich.console import Console
+
+    config = ServeConfig(
+        trusted_key=_trusted_key(key),
+        bundle=bundle,
+        agent_dir=agent_dir,
+        format=format,
+        precision=precision,
+        max_body_bytes=int(max_body_mb * (1 << 20)),
+        threads=threads,
+    )
+    if (bundle is None) == (agent_dir is None):
+        from fedge.shared.errors import ConfigError
+
+        raise ConfigError("serve either a BUNDLE or --agent-dir DIR (exactly one)")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        Console().print(f"[yellow]serving on {host}: anyone who can reach it can predict[/]")
+    Console().print(f"serving on http://{host}:{port} (POST /predict, GET /healthz, GET /metrics)")
+    run_server(config, host, port)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``agent`` and ``serve`` to the ``fedge edge`` typer app."""
+    app.command("agent")(agent)
+    app.command("serve")(serve)
+
+
+def main() -> None:
+    """``python -m fedge.edge.device.deploy_cli agent|serve ...`` without the root CLI."""
+    from fedge.shared.errors import FedgeError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+    register(app)
+    try:
+        app()
+    except FedgeError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        if e.hint:
+            typer.echo(f"hint: {e.hint}", err=True)
+        raise SystemExit(int(e.exit_code)) from e
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The Flower ServerApp of fedge: Flower glue only; the work is in ``ServerRun``.
+
+Plain and secure runs share everything but the fit workflow: Flower's default
+one, or ``SecAggPlusWorkflow`` when the run config asks for secure aggregation.
+"""
+
+import logging
+from typing import Any
+
+from fedge.server.federation import ServerRun
+from fedge.server.recorder import RecordingStrategy
+from fedge.server.strategies import build_strategy
+from fedge.shared import records
+from fedge.shared.config import RunConfig
+from flwr.common import Context, Metrics, ndarrays_to_parameters
+from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+def weighted_average(results: list[tuple[int, Metrics]]) -> Metrics:
+    """Example-weighted mean of the sites' loss and accuracy."""
+    total = sum(n for n, _ in results) or 1
+    out: Metrics = {}
+    for key in (records.METRIC_LOSS, records.METRIC_ACCURACY):
+        values = [(n, m[key]) for n, m in results if key in m]
+        if values:
+            out[key] = sum(n * float(v) for n, v in values) / total  # type: ignore[arg-type]
+    return out
+
+
+def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
+    """Run the configured number of rounds (or what is left after a resume)."""
+    cfg = RunConfig.from_flower(dict(context.run_config))
+    run = ServerRun(cfg)
+    if run.remaining_rounds > 0:
+
+        def evaluate_fn(server_round: int, arrays: Any, _config: dict[str, Any]) -> Any:
+            return run.evaluate(server_round, arrays)
+
+        strategy = build_strategy(
+            cfg,
+            initial_parameters=ndarrays_to_parameters(run.global_arrays()),
+            evaluate_fn=evaluate_fn,
+            on_fit_config_fn=run.fit_config,
+            fit_metrics_aggregation_fn=weighted_average,
+            evaluate_metrics_aggregation_fn=weighted_average,
+            num_sampled_clients=cfg.min_clients,
+        )
+        legacy = LegacyContext(
+            context=context,
+            config=ServerConfig(num_rounds=run.remaining_rounds),
+            strategy=RecordingStrategy(strategy, run),
+        )
+        fit_workflow = None
+        if cfg.privacy.secagg:
+            fit_workflow = SecAggPlusWorkflow(
+                num_shares=cfg.privacy.secagg_num_shares,
+                reconstruction_threshold=cfg.privacy.secagg_threshold,
+                clipping_range=cfg.privacy.secagg_clipping_range,
+                quantization_range=cfg.privacy.secagg_quantization_range,
+                timeout=120.0,
+            )
+        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+    return run.finish()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_federation(grid, context)

@@ -1,0 +1,341 @@
+"""One federated run on the server: run directory, global model, checkpoints, metrics.
+
+``ServerRun`` owns everything the ServerApp writes. It is independent of the
+Flower workflow that drives it (plain or SecAgg+), which only calls
+``initial_parameters``, ``fit_config``, ``evaluate`` and the recording hooks.
+"""
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fedge.server import events
+from fedge.server.privacy import privacy_record, site_level_epsilon
+from fedge.shared import records
+from fedge.shared.atomic import append_jsonl, atomic_write_json, read_jsonl
+from fedge.shared.checkpoint import (
+    FINAL_MODEL,
+    latest_checkpoint,
+    load_checkpoint,
+    round_path,
+    save_checkpoint,
+)
+from fedge.shared.config import RunConfig
+from fedge.shared.data import load_data
+from fedge.shared.device import select_device
+from fedge.shared.errors import RunError
+from fedge.shared.model_setup import build_run_model
+from fedge.shared.models import count_parameters, exchanged_keys
+from fedge.shared.preprocess import prepare
+from fedge.shared.task_for_run import task_for_run
+from fedge.shared.training import Metrics, evaluate, make_loader
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+RUN_CONFIG_FILE = "run_config.json"
+# Environment the SuperLink is started with, inherited by the ServerApp process:
+# only the SuperLink knows whether it runs with TLS and SuperNode authentication.
+ENV_TLS = "FEDGE_SUPERLINK_TLS"
+ENV_AUTH = "FEDGE_SUPERLINK_AUTH"
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round, written as one line of metrics.jsonl."""
+
+    round: int
+    clients: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    server: dict[str, float] = field(default_factory=dict)
+    federated: dict[str, float] = field(default_factory=dict)
+    epsilon: float | None = None
+    sampled: int = 0
+    available: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "clients": self.clients,
+            "failures": self.failures,
+            "server_eval": self.server,
+            "federated_eval": self.federated,
+            "epsilon": self.epsilon,
+            "bytes_down": sum(int(c.get(records.METRIC_BYTES_DOWN, 0)) for c in self.clients),
+            "bytes_up": sum(int(c.get(records.METRIC_BYTES_UP, 0)) for c in self.clients),
+            "sampled": self.sampled,
+            "available": self.available,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class ServerRun:
+    """State and outputs of a run; see the module docstring."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir).expanduser().resolve()
+        self.task = task_for_run(cfg)
+        self.device = select_device()
+        self.model = build_run_model(cfg, self.task)
+        self.keys = exchanged_keys(self.model, cfg.mode)
+        self.start_round = 0
+        self.initial_accuracy: float | None = None
+        self.stopped_reason = ""
+        self.pending: RoundRecord | None = None
+        self.round_started = time.monotonic()
+        self.epsilon: float | None = None
+        self.epsilon_next_by_site: dict[str, float] = {}
+        self.max_sampled = 0
+        self.max_available = 0
+        self._eval_loader = self._server_eval_loader()
+        self._prepare_run_dir()
+
+    # --- set-up -----------------------------------------------------------------------
+
+    def _prepare_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        latest = latest_checkpoint(self.run_dir)
+        if latest is not None and not self.cfg.resume:
+            raise RunError(
+                f"run directory {self.run_dir} already holds a run; resume it or use another"
+            )
+        if latest is not None:
+            ckpt = load_checkpoint(latest)
+            self.model.load_state_dict(ckpt.state_dict)
+            self.start_round = ckpt.round
+            self.epsilon = ckpt.metrics.get("epsilon")
+            self.epsilon_next_by_site = dict(ckpt.metrics.get("epsilon_next_by_site", {}))
+            summary = self._read_summary()
+            self.initial_accuracy = summary.get("initial_accuracy")
+            events.emit("resume", round=self.start_round, checkpoint=str(latest))
+        atomic_write_json(self.run_dir / RUN_CONFIG_FILE, self.cfg.to_flower())
+
+    def _read_summary(self) -> dict[str, Any]:
+        path = self.run_dir / SUMMARY_FILE
+        if not path.exists():
+            partial = self.run_dir / "summary.partial.json"
+            path = partial if partial.exists() else path
+        try:
+            return dict(json.loads(path.read_text())) if path.exists() else {}
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def _server_eval_loader(self) -> Any:
+        if not self.cfg.server_eval:
+            return None
+        spec = self.cfg.eval_data or (
+            f"{self.cfg.task}:test" if self.cfg.task in ("digits", "breast-cancer") else ""
+        )
+        if not spec:
+            return None
+        raw = load_data(spec, self.task, label_column=self.cfg.label_column)
+        return make_loader(prepare(raw.x, self.task.preprocessing), raw.y, 256, shuffle=False)
+
+    @property
+    def remaining_rounds(self) -> int:
+        return max(self.cfg.num_rounds - self.start_round, 0)
+
+    def absolute_round(self, server_round: int) -> int:
+        return self.start_round + server_round
+
+    # --- parameters ---------------------------------------------------------------------
+
+    def global_arrays(self) -> list[np.ndarray]:
+        state = self.model.state_dict()
+        return [state[k].detach().cpu().numpy() for k in self.keys]
+
+    def load_arrays(self, arrays: list[np.ndarray]) -> None:
+        state = {k: torch.from_numpy(np.asarray(a)) for k, a in zip(self.keys, arrays, strict=True)}
+        self.model.load_state_dict(state, strict=False)
+
+    def trainable_fraction(self) -> float:
+        """Exchanged values over all values of the model (head mode sends less)."""
+        state = self.model.state_dict()
+        sent = sum(state[k].numel() for k in self.keys)
+        return sent / max(count_parameters(state.values()), 1)
+
+    def fit_config(self, server_round: int) -> dict[str, Any]:
+        return {records.CFG_SERVER_ROUND: self.absolute_round(server_round)}
+
+    # --- per-round hooks ------------------------------------------------------------------
+
+    def begin_round(self, server_round: int, sampled: int, available: int) -> None:
+        self.round_started = time.monotonic()
+        self.pending = RoundRecord(
+            self.absolute_round(server_round), sampled=sampled, available=available
+        )
+        self.max_sampled = max(self.max_sampled, sampled)
+        self.max_available = max(self.max_available, available)
+        events.emit(
+            "round-start", round=self.pending.round, total=self.cfg.num_rounds, sampled=sampled
+        )
+
+    def budget_allows(self, server_round: int, sampled: int, available: int) -> bool:
+        """False (and say why) if the next round would take epsilon past the budget."""
+        budget = self.cfg.privacy.epsilon_budget
+        if budget <= 0 or self.cfg.privacy.dp == "none" or self.stopped_reason:
+            return not self.stopped_reason
+        absolute = self.absolute_round(server_round)
+        if self.cfg.privacy.dp == "site":
+            q = sampled / max(available, 1)
+            next_eps = site_level_epsilon(
+                self.cfg.privacy.noise_multiplier, q, absolute, self.cfg.privacy.delta
+            )
+        else:
+            next_eps = max(self.epsilon_next_by_site.values(), default=0.0)
+        if next_eps > budget:
+            self.stopped_reason = (
+                f"stopped before round {absolute}: it would take epsilon to {next_eps:.2f}, "
+                f"past the budget of {budget:g}"
+            )
+            events.emit("budget-stop", round=absolute, epsilon_next=next_eps, budget=budget)
+            log.warning(self.stopped_reason)
+            return False
+        return True
+
+    def record_fit(self, client_metrics: list[dict[str, Any]], failures: list[str]) -> None:
+        if self.pending is None:
+            return
+        self.pending.clients = client_metrics
+        self.pending.failures = failures
+        for reason in failures:
+            events.emit("site-failed", round=self.pending.round, reason=reason)
+        if self.cfg.privacy.dp == "record":
+            eps = [
+                float(c[records.METRIC_EPSILON])
+                for c in client_metrics
+                if records.METRIC_EPSILON in c
+            ]
+            if eps:
+                self.epsilon = max(eps + ([self.epsilon] if self.epsilon else []))
+            for c in client_metrics:
+                if records.METRIC_EPSILON_NEXT in c:
+                    self.epsilon_next_by_site[str(c.get(records.METRIC_SITE))] = float(
+                        c[records.METRIC_EPSILON_NEXT]
+                    )
+        elif self.cfg.privacy.dp == "site":
+            q = self.pending.sampled / max(self.pending.available, 1)
+            self.epsilon = site_level_epsilon(
+                self.cfg.privacy.noise_multiplier, q, self.pending.round, self.cfg.privacy.delta
+            )
+        self.pending.epsilon = self.epsilon
+
+    def evaluate(
+        self, server_round: int, arrays: list[np.ndarray]
+    ) -> tuple[float, dict[str, Any]] | None:
+        """Server-side evaluation of the global model; checkpoints every finished round."""
+        self.load_arrays(arrays)
+        metrics = self._evaluate_model()
+        if server_round == 0:
+            if self.start_round == 0 and metrics is not None:
+                self.initial_accuracy = metrics.accuracy
+                events.emit("initial", accuracy=metrics.accuracy, loss=metrics.loss)
+            return None if metrics is None else (metrics.loss, {"accuracy": metrics.accuracy})
+        if self.pending is not None:
+            if metrics is not None:
+                self.pending.server = {"loss": metrics.loss, "accuracy": metrics.accuracy}
+            self._checkpoint(self.pending.round, self.pending.server)
+            if not self.cfg.federated_eval:
+                self.finish_round()
+        return None if metrics is None else (metrics.loss, {"accuracy": metrics.accuracy})
+
+    def record_federated_eval(self, loss: float | None, accuracy: float | None) -> None:
+        if self.pending is not None and loss is not None:
+            self.pending.federated = {"loss": loss, "accuracy": accuracy or 0.0}
+        self.finish_round()
+
+    def finish_round(self) -> None:
+        if self.pending is None:
+            return
+        self.pending.seconds = time.monotonic() - self.round_started
+        row = self.pending.to_json()
+        append_jsonl(self.run_dir / METRICS_FILE, row)
+        events.emit("round", **row, total=self.cfg.num_rounds)
+        self.pending = None
+
+    def _evaluate_model(self) -> Metrics | None:
+        if self._eval_loader is None:
+            return None
+        return evaluate(self.model, self._eval_loader, self.device)
+
+    def _checkpoint_metrics(self, server: dict[str, float]) -> dict[str, Any]:
+        return {
+            **server,
+            "epsilon": self.epsilon,
+            "epsilon_next_by_site": self.epsilon_next_by_site,
+        }
+
+    def _checkpoint(self, absolute: int, server: dict[str, float]) -> None:
+        save_checkpoint(
+            round_path(self.run_dir, absolute),
+            self.model.state_dict(),
+            absolute,
+            self.cfg.model,
+            self.task,
+            self.cfg.to_flower(),
+            self._checkpoint_metrics(server),
+        )
+        partial = {"initial_accuracy": self.initial_accuracy, "last_round": absolute}
+        atomic_write_json(self.run_dir / "summary.partial.json", partial)
+
+    # --- end of run -------------------------------------------------------------------------
+
+    def finish(self) -> dict[str, Any]:
+        """Write the final model and summary.json; returns the summary."""
+        self.finish_round()
+        rows = read_jsonl(self.run_dir / METRICS_FILE)
+        done = max((int(r["round"]) for r in rows), default=self.start_round)
+        final = self._evaluate_model()
+        server_metrics = {} if final is None else {"loss": final.loss, "accuracy": final.accuracy}
+        save_checkpoint(
+            self.run_dir / FINAL_MODEL,
+            self.model.state_dict(),
+            done,
+            self.cfg.model,
+            self.task,
+            self.cfg.to_flower(),
+            self._checkpoint_metrics(server_metrics),
+        )
+        clients = sorted(
+            {str(c.get(records.METRIC_SITE)) for r in rows for c in r.get("clients", [])}
+        )
+        summary = {
+            "task": self.cfg.task,
+            "model": self.cfg.model,
+            "mode": self.cfg.mode,
+            "strategy": self.cfg.strategy,
+            "rounds": done,
+            "rounds_configured": self.cfg.num_rounds,
+            "clients": len(clients),
+            "sites": clients,
+            "initial_accuracy": self.initial_accuracy,
+            "final_accuracy": None if final is None else final.accuracy,
+            "final_loss": None if final is None else final.loss,
+            "trainable_fraction": self.trainable_fraction(),
+            "bytes_down_total": sum(int(r.get("bytes_down", 0)) for r in rows),
+            "bytes_up_total": sum(int(r.get("bytes_up", 0)) for r in rows),
+            "failures": sum(len(r.get("failures", [])) for r in rows),
+            "stopped": self.stopped_reason or None,
+            "model_path": str(self.run_dir / FINAL_MODEL),
+            "privacy": privacy_record(
+                self.cfg,
+                tls=os.environ.get(ENV_TLS) == "1",
+                supernode_auth=os.environ.get(ENV_AUTH) == "1",
+                rounds=done,
+                epsilon=self.epsilon,
+                sampled_clients=self.max_sampled,
+                total_clients=self.max_available,
+            ),
+        }
+        atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
+        (self.run_dir / "summary.partial.json").unlink(missing_ok=True)
+        events.emit("done", summary=summary)
+        return summary

@@ -1,0 +1,84 @@
+"""``fedge run``: submit a federated fine-tuning run and follow it round by round."""
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from fedge.shared.errors import ConfigError
+from rich.console import Console
+
+
+def _root_certificates(ca: Path | None, insecure: bool) -> Path | None:
+    """The CA that signs the server's certificate: given, or the local server's."""
+    if insecure:
+        return None
+    if ca is not None:
+        if not ca.is_file():
+            raise ConfigError(f"CA certificate {ca} does not exist")
+        return ca
+    from fedge.shared.paths import server_data_dir
+
+    local = server_data_dir() / "tls" / "ca.crt"
+    if local.is_file():
+        return local
+    raise ConfigError(
+        "no CA certificate: pass --ca (the server operator's ca.crt), or --insecure for a "
+        "server started with --insecure"
+    )
+
+
+def run(
+    config: Annotated[
+        Path | None, typer.Option(help="Run config (TOML); see examples/run.toml.")
+    ] = None,
+    server: Annotated[str, typer.Option(help="The SuperLink, HOST:PORT.")] = "127.0.0.1:9092",
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory (on the server's machine).")
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue the run in this directory from its last checkpoint."),
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(help="Override num-rounds.")] = None,
+    ca: Annotated[Path | None, typer.Option(help="CA certificate of the server (TLS).")] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="Connect without TLS (server started --insecure).")
+    ] = False,
+) -> None:
+    """Submit a federated fine-tuning run to the server and stream its progress.
+
+    Example: fedge run --config examples/run.toml --server 127.0.0.1:9092 --out runs/exp1
+    """
+    from fedge.server.progress import RunProgress, rounds_table
+    from fedge.server.submit import submit_run
+    from fedge.shared.config import RunConfig, load_run_config
+
+    console = Console()
+    if resume is not None:
+        saved = resume / "run_config.json"
+        if not saved.is_file():
+            raise ConfigError(f"{resume} is not a run directory (no run_config.json)")
+        cfg = RunConfig.from_flower(json.loads(saved.read_text()))
+        cfg = cfg.replace(resume=True, run_dir=str(resume.resolve()))
+        if rounds is not None:
+            cfg = cfg.replace(num_rounds=rounds)
+    else:
+        run_dir = (out or Path("runs") / "latest").resolve()
+        if (run_dir / "checkpoints").is_dir():
+            raise ConfigError(
+                f"{run_dir} already holds a run; use --resume {run_dir} or another --out"
+            )
+        cfg = load_run_config(config, num_rounds=rounds, run_dir=str(run_dir))
+    certificates = _root_certificates(ca, insecure)
+    console.print(
+        f"submitting to {server}: {cfg.task} / {cfg.model} / {cfg.mode} / {cfg.strategy}, "
+        f"{cfg.num_rounds} rounds -> {cfg.run_dir}"
+    )
+    show_eps = cfg.privacy.dp != "none"
+    with RunProgress(console, cfg.num_rounds, show_eps) as progress:
+        summary = submit_run(cfg, server, certificates, on_event=progress.on_event)
+    console.print(rounds_table(progress.rows, show_eps))
+    console.print(
+        f"final accuracy {summary.get('final_accuracy')}, model {summary.get('model_path')}"
+    )

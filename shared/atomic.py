@@ -1,0 +1,91 @@
+"""Atomic file writes: a file that matters is either the old one or the new one.
+
+Checkpoints, bundles, registries and keys go through here. The data is written
+to a temporary file in the same directory, flushed to disk, then renamed over
+the target (``os.replace`` is atomic on POSIX), and the directory is synced so
+the rename itself survives a power cut.
+"""
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(target: Path | str, mode: int = 0o644) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success rename it into place.
+
+    For libraries that insist on writing to a path themselves (safetensors,
+    onnx). On error the temporary file is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(target: Path | str, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``target`` atomically, with permission ``mode``."""
+    with atomic_path(target, mode) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(target: Path | str, text: str, mode: int = 0o644) -> None:
+    """Write ``text`` (UTF-8) to ``target`` atomically."""
+    atomic_write_bytes(target, text.encode("utf-8"), mode)
+
+
+def atomic_write_json(target: Path | str, obj: Any, mode: int = 0o644) -> None:
+    """Write ``obj`` as indented JSON to ``target`` atomically."""
+    atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=True) + "\n", mode)
+
+
+def append_jsonl(target: Path | str, obj: Any) -> None:
+    """Append one JSON line and flush it to disk (for per-round metrics).
+
+    A line is written with a single ``write`` call so a crash leaves at most a
+    truncated last line, which readers skip (see ``read_jsonl``).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(obj, sort_keys=True) + "\n"
+    with open(target, "a", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
+    """Read a JSON-lines file, skipping a truncated last line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows: list[dict[str, Any]] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

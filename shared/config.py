@@ -1,0 +1,225 @@
+"""The run config: one frozen dataclass, loaded once at the entry point.
+
+Precedence, in one loader: defaults < TOML file < ``FEDGE_*`` environment <
+command-line flags. The same values travel to the ServerApp as Flower's run
+config (flat, kebab-case keys); ``RunConfig.from_flower`` reads them back, so
+the CLI and the ServerApp can never disagree about a default.
+
+Site paths and keys are *not* here: they are the node config of each SuperNode
+and stay on the site.
+"""
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedge.shared.errors import ConfigError
+from fedge.shared.model_names import check_model_name
+from fedge.shared.tasks import BUILTIN_TASKS, USER_TASKS
+
+MODES = ("full", "head")
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+DP_LEVELS = ("none", "record", "site")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy and secure aggregation settings of a run."""
+
+    dp: str = "none"  # none | record (DP-SGD on each site) | site (clip on site, noise on server)
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+    delta: float = 1e-5
+    epsilon_budget: float = 0.0  # 0: no budget
+    secagg: bool = False
+    secagg_num_shares: int = 3
+    secagg_threshold: int = 2
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a federated fine-tuning run."""
+
+    task: str = "digits"
+    model: str = "cnn"
+    init_weights: str = ""
+    mode: str = "full"
+    strategy: str = "fedavg"
+    num_rounds: int = 3
+    local_epochs: int = 1
+    lr: float = 0.05
+    momentum: float = 0.9
+    batch_size: int = 32
+    min_clients: int = 2
+    fraction_train: float = 1.0
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    federated_eval: bool = True
+    server_eval: bool = True
+    eval_data: str = ""  # data spec for server-side evaluation; default: the task's test split
+    image_size: int = 0  # 0: the model's default for the task
+    classes: str = ""  # comma-separated, for user tasks ("images", "tabular")
+    features: str = ""  # comma-separated column order, for "tabular"
+    label_column: str = "label"
+    run_dir: str = "runs/latest"
+    seed: int = 0
+    resume: bool = False  # continue the run in run_dir from its last checkpoint
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        errors: list[str] = []
+        if self.task not in BUILTIN_TASKS + USER_TASKS:
+            known = ", ".join(BUILTIN_TASKS + USER_TASKS)
+            errors.append(f"unknown task {self.task!r}; choose one of: {known}")
+        try:
+            check_model_name(self.model)
+        except ConfigError as e:
+            errors.append(str(e))
+        if self.mode not in MODES:
+            errors.append(f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
+        if self.strategy not in STRATEGIES:
+            errors.append(
+                f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}"
+            )
+        if self.privacy.dp not in DP_LEVELS:
+            errors.append(f"unknown dp level {self.privacy.dp!r}; choose one of: {DP_LEVELS}")
+        for name in ("num_rounds", "local_epochs", "batch_size", "min_clients"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name.replace('_', '-')} must be at least 1")
+        if self.lr <= 0:
+            errors.append("lr must be positive")
+        if not 0 < self.fraction_train <= 1:
+            errors.append("fraction-train must be in (0, 1]")
+        if self.task in USER_TASKS and not self.classes:
+            errors.append(f"task {self.task!r} needs 'classes' (comma-separated labels)")
+        if self.task == "tabular" and not self.features:
+            errors.append("task 'tabular' needs 'features' (comma-separated column order)")
+        if errors:
+            # Validators collect every failure, then raise once.
+            raise ConfigError("; ".join(errors))
+
+    # --- Flower run config (flat, kebab-case) -------------------------------------------
+
+    def to_flower(self) -> dict[str, str | int | float | bool]:
+        """Flatten into Flower's run config: scalar values under kebab-case keys."""
+        flat: dict[str, str | int | float | bool] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, PrivacyConfig):
+                for pf in fields(value):
+                    flat["privacy-" + pf.name.replace("_", "-")] = getattr(value, pf.name)
+            else:
+                flat[f.name.replace("_", "-")] = value
+        return flat
+
+    @staticmethod
+    def from_flower(run_config: dict[str, Any]) -> "RunConfig":
+        """Read Flower's run config back; unknown keys are ignored (Flower adds none)."""
+        return RunConfig.from_mapping({k.replace("-", "_"): v for k, v in run_config.items()})
+
+    @staticmethod
+    def from_mapping(values: dict[str, Any]) -> "RunConfig":
+        """Build from snake_case keys; ``privacy_*`` keys or a ``privacy`` table."""
+        values = dict(values)
+        privacy_values = dict(values.pop("privacy", {}) or {})
+        for key in [k for k in values if k.startswith("privacy_")]:
+            privacy_values[key.removeprefix("privacy_")] = values.pop(key)
+        known = {f.name: f for f in fields(RunConfig)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        privacy = _coerce(PrivacyConfig, privacy_values)
+        base = _coerce(RunConfig, {k: v for k, v in values.items() if k != "privacy"}, privacy)
+        return base
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        privacy_changes = changes.pop("privacy", None)
+        privacy = self.privacy
+        if privacy_changes:
+            privacy = dataclasses.replace(privacy, **privacy_changes)
+        return dataclasses.replace(self, privacy=privacy, **changes)
+
+    def class_list(self) -> tuple[str, ...]:
+        return tuple(c.strip() for c in self.classes.split(",") if c.strip())
+
+    def feature_list(self) -> tuple[str, ...]:
+        return tuple(c.strip() for c in self.features.split(",") if c.strip())
+
+
+def _coerce(cls: Any, values: dict[str, Any], privacy: PrivacyConfig | None = None) -> Any:
+    """Convert values to the dataclass's field types, with clear errors."""
+    kwargs: dict[str, Any] = {}
+    names = {f.name: f for f in fields(cls)}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {key.replace('_', '-')!r}")
+        default = getattr(cls(), key) if cls is PrivacyConfig else names[key].default
+        kind = type(default) if default is not dataclasses.MISSING else str
+        try:
+            if kind is bool and isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                value = value.lower() in ("true", "1", "yes")
+            elif kind in (int, float, str):
+                if kind is int and isinstance(value, float) and not value.is_integer():
+                    raise ValueError(value)
+                value = kind(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(
+                f"config key {key.replace('_', '-')!r} must be {kind.__name__}, got {value!r}"
+            ) from e
+        kwargs[key] = value
+    if privacy is not None:
+        kwargs["privacy"] = privacy
+    return cls(**kwargs)
+
+
+def _env_values() -> dict[str, str]:
+    """``FEDGE_NUM_ROUNDS=5`` -> ``{"num_rounds": "5"}``; FEDGE_PRIVACY_DP -> privacy_dp."""
+    known = {f.name for f in fields(RunConfig)} | {
+        "privacy_" + f.name for f in fields(PrivacyConfig)
+    }
+    values = {}
+    for name, value in os.environ.items():
+        if name.startswith("FEDGE_"):
+            key = name.removeprefix("FEDGE_").lower()
+            if key in known:
+                values[key] = value
+    return values
+
+
+def _flatten_toml(data: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        key = key.replace("-", "_")
+        if key == "privacy" and isinstance(value, dict):
+            for pkey, pvalue in value.items():
+                flat["privacy_" + pkey.replace("-", "_")] = pvalue
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_run_config(path: Path | str | None = None, **flags: Any) -> RunConfig:
+    """Defaults < TOML file < FEDGE_* environment < flags (None flags are ignored).
+
+    The TOML file has top-level keys (kebab or snake case) and an optional
+    ``[privacy]`` table; see ``examples/run.toml``.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values.update(_flatten_toml(tomllib.loads(path.read_text(encoding="utf-8"))))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    values.update(_env_values())
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return RunConfig.from_mapping(values)

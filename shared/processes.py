@@ -1,0 +1,178 @@
+"""Start and stop the long-running processes fedge drives (SuperLink, SuperNodes, ...).
+
+Every child runs in its own process group so that stopping it also stops what
+it started (a SuperLink starts ServerApp processes, a SuperNode ClientApps).
+``ProcessGroup`` stops everything it started on exit, on error and on Ctrl-C.
+"""
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from fedge.shared.errors import ConnectionFailed, RunError
+from fedge.shared.telemetry import telemetry_environment
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free now on ``host`` (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port), with a clear error."""
+    from fedge.shared.errors import ConfigError
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"address {address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower's processes: telemetry off, this venv's tools on PATH.
+
+    The SuperLink starts ``flower-superexec`` by name, so the directory of the
+    running interpreter must be on PATH.
+    """
+    env = telemetry_environment()
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    # Runtime dependency installation would run `uv sync` for every run.
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def flower_tool(name: str) -> str:
+    """Path of a Flower console script installed beside this interpreter."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def spawn(
+    command: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` in a new session with output appended to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(
+            list(command),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env or child_environment(),
+            start_new_session=True,
+        )
+
+
+def stop_process(proc: subprocess.Popen[bytes] | int, timeout: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL it if it has not gone in ``timeout``."""
+    pid = proc if isinstance(proc, int) else proc.pid
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(proc):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    if not isinstance(proc, int):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+
+def _alive(proc: subprocess.Popen[bytes] | int) -> bool:
+    if isinstance(proc, int):
+        try:
+            os.kill(proc, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return proc.poll() is None
+
+
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen[bytes] | None = None,
+    log_path: Path | None = None,
+) -> None:
+    """Poll ``check`` until true; fail clearly if ``proc`` dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RunError(f"{what} exited with code {proc.returncode}{_tail(log_path)}")
+        time.sleep(0.2)
+    raise ConnectionFailed(f"timed out after {timeout:.0f}s waiting for {what}{_tail(log_path)}")
+
+
+def _tail(log_path: Path | None, lines: int = 3) -> str:
+    if log_path is None or not log_path.exists():
+        return ""
+    text = log_path.read_text(errors="replace").strip().splitlines()[-lines:]
+    return " (log " + str(log_path) + ": " + " | ".join(t.strip() for t in text) + ")"
+
+
+class ProcessGroup:
+    """Processes that are stopped together when the ``with`` block ends, however it ends."""
+
+    def __init__(self) -> None:
+        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(
+        self, name: str, command: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        proc = spawn(command, log_path, env)
+        self.processes.append((name, proc))
+        log.debug("started %s (pid %d)", name, proc.pid)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        stop_process(proc)
+        self.processes = [(n, p) for n, p in self.processes if p is not proc]
+
+    def stop_all(self) -> None:
+        # Stop in reverse start order: clients before the server they talk to.
+        for name, proc in reversed(self.processes):
+            stop_process(proc)
+            log.debug("stopped %s", name)
+        self.processes.clear()
+
+    def __enter__(self) -> "ProcessGroup":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop_all()

@@ -1,0 +1,29 @@
+"""Names of the values exchanged between the ServerApp and the ClientApps, defined once.
+
+The server puts these in each round's fit/evaluate config; clients put the
+``METRIC_*`` keys in their replies. Keeping them here means a rename cannot
+silently break one side.
+"""
+
+# Per-round config (server -> client)
+CFG_SERVER_ROUND = "fedge-server-round"  # absolute round number, across resumes
+CFG_PROXIMAL_MU = "proximal_mu"  # set by Flower's FedProx itself
+
+# Reply metrics (client -> server)
+METRIC_SITE = "site"
+METRIC_LOSS = "loss"
+METRIC_ACCURACY = "accuracy"
+METRIC_BYTES_DOWN = "bytes-down"
+METRIC_BYTES_UP = "bytes-up"
+METRIC_EPSILON = "epsilon"  # record-level DP: this site's epsilon after this round
+METRIC_EPSILON_NEXT = "epsilon-next"  # ... and after one more round (for the budget)
+METRIC_DEVICE = "device"
+
+# Node config keys (set by `fedge client start`, stay on the site)
+NODE_DATA = "data"
+NODE_SITE = "site"
+NODE_LABEL_COLUMN = "label-column"
+NODE_INIT_WEIGHTS = "init-weights"  # optional site-local copy of the run's init weights
+
+# Prefix of machine-readable progress lines the ServerApp prints for `fedge run`.
+EVENT_PREFIX = "FEDGE-EVENT "

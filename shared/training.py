@@ -1,0 +1,126 @@
+"""Local training and evaluation: plain functions, no Flower.
+
+The ClientApp, the server-side evaluation and the demo's central pretraining
+all call these, so a secure run and a plain run train identically.
+"""
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from fedge.shared.device import autocast
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Loss and accuracy over ``num_examples`` examples."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def make_loader(
+    x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0
+) -> DataLoader[tuple[torch.Tensor, ...]]:
+    """A DataLoader over preprocessed float32 inputs and int64 labels."""
+    dataset = TensorDataset(torch.from_numpy(np.asarray(x, np.float32)), torch.from_numpy(y))
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def _proximal_term(model: nn.Module, anchor: dict[str, torch.Tensor]) -> torch.Tensor:
+    """FedProx's ||w - w_global||^2 over the trainable parameters."""
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for name, param in model.named_parameters():
+        if param.requires_grad and name in anchor:
+            total = total + (param - anchor[name]).pow(2).sum()
+    return total
+
+
+def train(
+    model: nn.Module,
+    loader: DataLoader[tuple[torch.Tensor, ...]],
+    epochs: int,
+    lr: float,
+    device: torch.device,
+    momentum: float = 0.9,
+    proximal_mu: float = 0.0,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_batch: Callable[[], None] | None = None,
+    mixed_precision: bool = True,
+) -> Metrics:
+    """Train ``model`` in place with SGD; returns the metrics of the last epoch.
+
+    ``proximal_mu`` > 0 adds FedProx's proximal term towards the weights the
+    model had on entry. An ``optimizer`` may be passed in (DP-SGD wraps its own).
+    """
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer is None:
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    anchor = (
+        {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if proximal_mu > 0
+        else {}
+    )
+    criterion = nn.CrossEntropyLoss()
+    loss_sum = correct = seen = 0.0
+    for _ in range(epochs):
+        loss_sum = correct = seen = 0.0
+        for x, y in loader:
+            if len(y) == 0:  # Poisson sampling under DP-SGD can draw an empty batch
+                continue
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device if mixed_precision else torch.device("cpu")):
+                logits = model(x)
+                loss = criterion(logits.float(), y)
+                if anchor:
+                    loss = loss + proximal_mu / 2 * _proximal_term(model, anchor)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += float((logits.argmax(1) == y).sum())
+            seen += len(y)
+            if on_batch is not None:
+                on_batch()
+    seen = max(seen, 1)
+    return Metrics(loss_sum / seen, correct / seen, int(seen))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: DataLoader[tuple[torch.Tensor, ...]], device: torch.device
+) -> Metrics:
+    """Cross-entropy loss and top-1 accuracy of ``model`` over ``loader``."""
+    model.to(device).eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss_sum = correct = seen = 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with autocast(device):
+            logits = model(x).float()
+        loss_sum += float(criterion(logits, y))
+        correct += float((logits.argmax(1) == y).sum())
+        seen += len(y)
+    if seen == 0:
+        return Metrics(0.0, 0.0, 0)
+    return Metrics(loss_sum / seen, correct / seen, int(seen))
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Float32 logits of ``model`` on preprocessed inputs, on the CPU (for validation)."""
+    model.cpu().eval()
+    out = [
+        model(torch.from_numpy(np.asarray(x[i : i + batch_size], np.float32))).numpy()
+        for i in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)

@@ -1,0 +1,81 @@
+"""Run config: defaults < file < environment < flags, validation, Flower round trip."""
+
+from pathlib import Path
+
+import pytest
+from fedge.server.flower_app_config import APP_DIR, render_app_pyproject
+from fedge.shared.config import RunConfig, load_run_config
+from fedge.shared.errors import ConfigError
+
+
+def test_precedence_defaults_file_env_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text('num-rounds = 4\nlr = 0.1\nstrategy = "fedprox"\n[privacy]\ndp = "site"\n')
+    monkeypatch.setenv("FEDGE_LR", "0.2")
+    cfg = load_run_config(config, num_rounds=7)
+    assert cfg.num_rounds == 7  # flag beats file
+    assert cfg.lr == pytest.approx(0.2)  # environment beats file
+    assert cfg.strategy == "fedprox"  # file beats default
+    assert cfg.privacy.dp == "site"
+    assert cfg.batch_size == RunConfig().batch_size  # default
+
+
+def test_flower_round_trip_keeps_every_value() -> None:
+    cfg = RunConfig(model="mlp", task="breast-cancer", num_rounds=9).replace(
+        privacy={"dp": "record", "secagg": True, "noise_multiplier": 0.7}
+    )
+    flat = cfg.to_flower()
+    assert all(isinstance(v, str | int | float | bool) for v in flat.values())
+    assert RunConfig.from_flower(flat) == cfg
+
+
+def test_validation_collects_every_problem() -> None:
+    with pytest.raises(ConfigError) as error:
+        RunConfig(task="nope", model="gpt", mode="lora", num_rounds=0)
+    message = str(error.value)
+    for word in ("unknown task", "unknown model", "unknown mode", "num-rounds"):
+        assert word in message
+
+
+def test_unknown_key_and_bad_types_are_clear(tmp_path: Path) -> None:
+    bad_key = tmp_path / "a.toml"
+    bad_key.write_text("roundz = 3\n")
+    with pytest.raises(ConfigError, match="unknown config keys: roundz"):
+        load_run_config(bad_key)
+    bad_type = tmp_path / "b.toml"
+    bad_type.write_text('num-rounds = "many"\n')
+    with pytest.raises(ConfigError, match="num-rounds"):
+        load_run_config(bad_type)
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        bad = tmp_path / "c.toml"
+        bad.write_text("= =")
+        load_run_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config(tmp_path / "missing.toml")
+
+
+def test_user_tasks_need_classes() -> None:
+    with pytest.raises(ConfigError, match="classes"):
+        RunConfig(task="images")
+    with pytest.raises(ConfigError, match="features"):
+        RunConfig(task="tabular", model="mlp", classes="a,b")
+
+
+def test_flower_app_pyproject_is_current() -> None:
+    """Flower refuses run-config overrides of keys its app does not declare."""
+    from fedge import __version__
+
+    assert (APP_DIR / "pyproject.toml").read_text() == render_app_pyproject(__version__)
+
+
+def test_flower_app_is_small() -> None:
+    """The FAB Flower ships holds the app's pyproject only, not the repository."""
+    import tomllib
+
+    files = [p for p in APP_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert [p.name for p in files] == ["pyproject.toml"]
+    app = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["fab-include"] == ["pyproject.toml"]
+    assert sum(p.stat().st_size for p in files) < 8 * 1024
