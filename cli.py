@@ -28,6 +28,7 @@ def _register() -> None:
     from fedge.demo import demo
     from fedge.edge.build.cli import export, keys_app
     from fedge.edge.device.cli import app as edge_app
+    from fedge.edge.device.deploy_cli import register as register_deploy_commands
     from fedge.server.cli import app as server_app
     from fedge.server.registry_cli import fleet_app, registry_app
     from fedge.server.run_cli import run
@@ -38,6 +39,7 @@ def _register() -> None:
     app.command()(demo)
     app.command()(export)
     app.add_typer(keys_app, name="keys")
+    register_deploy_commands(edge_app)
     app.add_typer(edge_app, name="edge")
     app.add_typer(registry_app, name="registry")
     app.add_typer(fleet_app, name="fleet")

@@ -82,11 +82,14 @@ def start(
         server = server or identity.server_address
         key, ca = identity.private_key_path, identity.ca_cert_path
         if ca is None:
+            from fedge.client.enrollment import find_approval
             from fedge.shared.errors import SecurityError
 
+            found = find_approval(name)
+            approval = str(found) if found else f"{name}.approved.json"
             raise SecurityError(
-                f"site {name} is not approved yet; install the approval with "
-                f"`fedge client enroll --accept {name}.approved.json`"
+                f"site {name} is not approved yet; check the CA fingerprint with the operator, "
+                f"then install the approval: fedge client enroll --accept {approval}"
             )
     if not server:
         from fedge.shared.errors import ConfigError

@@ -86,7 +86,9 @@ def start_supernode(
     and exits with it, so stopping the returned process stops the site.
     """
     port = spec.local_port or free_port()
-    env = child_environment()
+    # The SuperExec polls the SuperNode's local Runtime API for tasks (default every 1 s);
+    # on loopback a shorter interval costs nothing and takes a second off each message.
+    env = child_environment({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"})
     node = _start(
         group, f"supernode {spec.site}", supernode_command(spec, port), spec.log_path, env
     )

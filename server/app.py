@@ -61,7 +61,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
                 reconstruction_threshold=cfg.privacy.secagg_threshold,
                 clipping_range=cfg.privacy.secagg_clipping_range,
                 quantization_range=cfg.privacy.secagg_quantization_range,
-                timeout=120.0,
+                timeout=cfg.privacy.secagg_timeout,
             )
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     return run.finish()

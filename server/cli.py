@@ -38,6 +38,9 @@ def _local_superlink(data_dir: Path) -> tuple[str, Path | None]:
 @app.command()
 def start(
     port: Annotated[int, typer.Option(help="Port of the SuperLink (sites and runs).")] = 9092,
+    registry_port: Annotated[
+        int, typer.Option(help="Port of the model registry / fleet API for devices (0: off).")
+    ] = 9443,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
     data_dir: DataDir = None,
     san: Annotated[
@@ -64,11 +67,31 @@ def start(
     spec = SuperLinkSpec(directory, host, port, tls)
     proc = start_superlink(spec)
     address = f"{spec.connect_host}:{port}"
+    registry_pid = None
+    if registry_port:
+        from fedge.server.registry.api import start_registry_server
+
+        registry = start_registry_server(
+            directory / "registry",
+            host,
+            registry_port,
+            tls.cert if tls else None,
+            tls.key if tls else None,
+        )
+        registry_pid = registry.pid
     atomic_write_json(
         directory / "server.json",
-        {"address": address, "ca_cert": str(tls.ca_cert) if tls else None, "pid": proc.pid},
+        {
+            "address": address,
+            "ca_cert": str(tls.ca_cert) if tls else None,
+            "pid": proc.pid,
+            "registry_pid": registry_pid,
+        },
     )
     console.print(f"SuperLink running on {host}:{port} (pid {proc.pid}); log: {spec.log_path}")
+    if registry_pid:
+        scheme = "https" if tls else "http"
+        console.print(f"registry and fleet API on {scheme}://{_public(host)}:{registry_port}")
     if tls is not None:
         console.print("TLS on, SuperNode authentication on. A site joins in three steps:")
         console.print(
@@ -111,10 +134,23 @@ def stop(data_dir: DataDir = None) -> None:
     from fedge.server.superlink import stop_superlink
 
     directory = _data_dir(data_dir)
+    _stop_registry(directory)
     if stop_superlink(directory):
         typer.echo(f"stopped the SuperLink of {directory}")
     else:
         typer.echo(f"no SuperLink was running for {directory}")
+
+
+def _stop_registry(directory: Path) -> None:
+    import json
+
+    from fedge.shared.processes import stop_process
+
+    info = directory / "server.json"
+    if info.is_file():
+        pid = json.loads(info.read_text()).get("registry_pid")
+        if pid:
+            stop_process(int(pid))
 
 
 @app.command()

@@ -109,7 +109,6 @@ def _current(sites: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
     return matches[-1] if matches else None
 
 
-
 def approve(
     request_path: Path | str,
     data_dir: Path | str,

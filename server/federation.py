@@ -59,6 +59,7 @@ class RoundRecord:
     sampled: int = 0
     available: int = 0
     seconds: float = 0.0
+    aggregated: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -72,6 +73,7 @@ class RoundRecord:
             "bytes_up": sum(int(c.get(records.METRIC_BYTES_UP, 0)) for c in self.clients),
             "sampled": self.sampled,
             "available": self.available,
+            "aggregated": self.aggregated,
             "seconds": round(self.seconds, 3),
         }
 
@@ -109,7 +111,14 @@ class ServerRun:
             )
         if latest is not None:
             ckpt = load_checkpoint(latest)
-            self.model.load_state_dict(ckpt.state_dict)
+            try:
+                self.model.load_state_dict(ckpt.state_dict)
+            except RuntimeError as e:  # torch's message lists every key: chain it, say one line
+                raise RunError(
+                    f"checkpoint {latest} does not fit model {self.cfg.model!r} "
+                    f"(mode {self.cfg.mode!r}, dp {self.cfg.privacy.dp!r}) of this config; "
+                    "resume with the run's own config (see run_config.json)"
+                ) from e
             self.start_round = ckpt.round
             self.epsilon = ckpt.metrics.get("epsilon")
             self.epsilon_next_by_site = dict(ckpt.metrics.get("epsilon_next_by_site", {}))

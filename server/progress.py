@@ -63,6 +63,11 @@ class RunProgress:
             self.console.print(
                 f"[yellow]round {event.get('round')}: a site failed: {event.get('reason')}"
             )
+        elif kind == "not-aggregated":
+            self.console.print(
+                f"[yellow]round {event.get('round')}: the global model was not updated "
+                "(Flower's DP wrapper drops a round in which a site failed)"
+            )
         elif kind == "budget-stop":
             self.console.print(
                 f"[yellow]privacy budget: stopping before round {event.get('round')} "

@@ -75,9 +75,12 @@ class RecordingStrategy(Strategy):
             # Nothing to aggregate: keep the global model as it is.
             return None, {}
         parameters, metrics = self.inner.aggregate_fit(server_round, results, failures)
-        if parameters is not None:
-            parameters = self._as_model_dtypes(parameters)
-        return parameters, metrics
+        if parameters is None:
+            # Flower's DP wrappers drop a round with any failure: its accounting assumes
+            # the sampled number of sites. Say so instead of silently keeping the model.
+            self.run.record_not_aggregated()
+            return None, metrics
+        return self._as_model_dtypes(parameters), metrics
 
     def _as_model_dtypes(self, parameters: Parameters) -> Parameters:
         """Cast the aggregate back to the model's dtypes.

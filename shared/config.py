@@ -39,6 +39,9 @@ class PrivacyConfig:
     secagg_threshold: int = 2
     secagg_clipping_range: float = 8.0
     secagg_quantization_range: int = 4194304
+    # Seconds SecAgg+ waits for each stage's replies; a site slower than this counts as
+    # dropped. Must cover a site's local training time.
+    secagg_timeout: float = 600.0
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -141,11 +142,24 @@ def _tail(log_path: Path | None, lines: int = 3) -> str:
     return " (log " + str(log_path) + ": " + " | ".join(t.strip() for t in text) + ")"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that ``finally`` blocks still run."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(f"received signal {signum}")
+
+
 class ProcessGroup:
-    """Processes that are stopped together when the ``with`` block ends, however it ends."""
+    """Processes that are stopped together when the ``with`` block ends, however it ends.
+
+    Inside the block (in the main thread) SIGTERM raises ``Terminated``, so a
+    ``kill`` of fedge stops its children too instead of orphaning them.
+    """
 
     def __init__(self) -> None:
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._previous_handler: object = None
 
     def start(
         self, name: str, command: Sequence[str], log_path: Path, env: dict[str, str] | None = None
@@ -167,6 +181,8 @@ class ProcessGroup:
         self.processes.clear()
 
     def __enter__(self) -> "ProcessGroup":
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
         return self
 
     def __exit__(
@@ -175,4 +191,8 @@ class ProcessGroup:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop_all()
+        try:
+            self.stop_all()
+        finally:
+            if self._previous_handler is not None:
+                signal.signal(signal.SIGTERM, self._previous_handler)  # type: ignore[arg-type]

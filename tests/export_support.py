@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from fedge.shared import signing
 from fedge.shared.checkpoint import save_checkpoint
 from fedge.shared.config import RunConfig

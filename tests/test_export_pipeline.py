@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 from export_support import PRIVACY, eval_inputs, make_key, make_run
+
 from fedge.edge.build import pipeline
 from fedge.edge.build.calibration import CalibrationReader, load_prepared
 from fedge.edge.build.onnx_export import read_metadata
@@ -111,9 +112,10 @@ def test_every_artifact_matches_pytorch_within_its_tolerance(
         got = predictor_for(cnn_export.bundle_dir / entry.file, entry.format)(x)
         diff = float(np.max(np.abs(got - reference)))
         assert diff <= entry.atol, (entry.file, diff, entry.atol)
+        agreement = float(np.mean(got.argmax(1) == reference.argmax(1)))
+        assert agreement == 1.0 if entry.precision == "fp32" else agreement >= 0.98
         if entry.precision == "fp32":
             assert diff < 1e-4
-            assert np.array_equal(got.argmax(1), reference.argmax(1))
 
 
 @pytest.mark.slow

@@ -79,3 +79,25 @@ def test_flower_app_is_small() -> None:
     app = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert app["fab-include"] == ["pyproject.toml"]
     assert sum(p.stat().st_size for p in files) < 8 * 1024
+
+
+def test_every_subpackage_is_packaged() -> None:
+    """A folder missing from [tool.setuptools] packages would vanish from a wheel install."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    declared = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(("fedge", *p.parent.relative_to(root).parts)).rstrip(".")
+        for p in root.rglob("__init__.py")
+        if p.relative_to(root).parts[0] not in {"tests", ".git", ".venv", "build", "docker"}
+    }
+    assert found == declared
+
+
+def test_example_run_config_loads() -> None:
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_run_config(root / "examples" / "run.toml")
+    assert cfg.num_rounds == 5 and cfg.privacy.dp == "none"

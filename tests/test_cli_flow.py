@@ -1,0 +1,99 @@
+"""The documented CLI flow, for real: server start, enroll, approve, accept, start, run, revoke."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedge.shared.processes import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def fedge(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "fedge", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        env=dict(os.environ),
+    )
+    assert done.returncode == 0, f"fedge {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def test_operator_and_site_flow(tmp_path: Path) -> None:
+    data_dir = tmp_path / "server"
+    port = free_port()
+    server = f"127.0.0.1:{port}"
+    sites = {"site-a": "digits#0/2", "site-b": "digits#1/2"}
+    try:
+        started = fedge(
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--registry-port",
+            str(free_port()),
+            "--data-dir",
+            str(data_dir),
+            cwd=tmp_path,
+        )
+        assert "fedge client enroll" in started.stdout
+        for name, data in sites.items():
+            fedge("client", "enroll", "--server", server, "--name", name, cwd=tmp_path)
+            request = Path(os.environ["FEDGE_HOME"]) / "sites" / name / f"{name}.enroll.json"
+            fedge("server", "approve", str(request), "--data-dir", str(data_dir), cwd=tmp_path)
+            approval = request.with_name(f"{name}.approved.json")
+            ca_fingerprint = json.loads(approval.read_text())["ca_fingerprint"]
+            fedge(
+                "client",
+                "enroll",
+                "--accept",
+                str(approval),
+                "--ca-fingerprint",
+                ca_fingerprint,
+                cwd=tmp_path,
+            )
+            fedge("client", "start", "--name", name, "--data", data, cwd=tmp_path)
+        config = tmp_path / "run.toml"
+        config.write_text("num-rounds = 1\nmin-clients = 2\nfederated-eval = false\n")
+        run = fedge(
+            "run",
+            "--config",
+            str(config),
+            "--server",
+            server,
+            "--out",
+            str(tmp_path / "run"),
+            "--ca",
+            str(data_dir / "tls" / "ca.crt"),
+            cwd=tmp_path,
+        )
+        assert "final accuracy" in run.stdout
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert summary["clients"] == 2 and summary["privacy"]["tls"] is True
+        assert summary["privacy"]["supernode_auth"] is True
+        listed = fedge("server", "clients", "--data-dir", str(data_dir), cwd=tmp_path).stdout
+        assert "site-a" in listed and "site-b" in listed and "online" in listed
+        fedge("server", "revoke", "site-b", "--data-dir", str(data_dir), cwd=tmp_path)
+        listed = fedge("server", "clients", "--data-dir", str(data_dir), cwd=tmp_path).stdout
+        assert "revoked" in listed
+    finally:
+        for name in sites:
+            subprocess.run(
+                [sys.executable, "-m", "fedge", "client", "stop", "--name", name],
+                capture_output=True,
+                timeout=60,
+            )
+        subprocess.run(
+            [sys.executable, "-m", "fedge", "server", "stop", "--data-dir", str(data_dir)],
+            capture_output=True,
+            timeout=60,
+        )
