@@ -62,32 +62,14 @@ class MLP(nn.Module):
 
 
 def _torchvision_model(name: str, num_classes: int) -> nn.Module:
-    """A torchvision classifier with its ImageNet head (1000 classes), random weights.
+    """A torchvision classifier with random weights and a ``num_classes`` head.
 
-    The ImageNet-shaped head is kept so that torchvision's published ``.pth``
-    files load as they are; ``replace_head`` then fits it to the task.
+    torchvision's published ``.pth`` files (ImageNet heads) still load into it:
+    ``fedge.shared.weights`` loads their backbone and keeps this new head.
     """
     from torchvision import models as tv
 
     return getattr(tv, name)(weights=None, num_classes=num_classes)
-
-
-def get_submodule_path(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path)
-
-
-def replace_head(model: nn.Module, model_name: str, num_classes: int) -> None:
-    """Swap the classifier head for a fresh one with ``num_classes`` outputs."""
-    path = HEAD_PATH[model_name]
-    old = model.get_submodule(path)
-    assert isinstance(old, nn.Linear)
-    parent_path, _, leaf = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    new = nn.Linear(old.in_features, num_classes)
-    if isinstance(parent, nn.Sequential):
-        parent[int(leaf)] = new
-    else:
-        setattr(parent, leaf, new)
 
 
 def build_model(name: str, task: TaskSpec, num_classes: int | None = None) -> nn.Module:

@@ -35,13 +35,38 @@ def make_loader(
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
-def _proximal_term(model: nn.Module, anchor: dict[str, torch.Tensor]) -> torch.Tensor:
-    """FedProx's ||w - w_global||^2 over the trainable parameters."""
-    total = torch.zeros((), device=next(model.parameters()).device)
-    for name, param in model.named_parameters():
-        if param.requires_grad and name in anchor:
-            total = total + (param - anchor[name]).pow(2).sum()
-    return total
+def _add_proximal_gradient(anchors: list[tuple[torch.Tensor, torch.Tensor]], mu: float) -> None:
+    """FedProx: the gradient of mu/2 ||w - w_global||^2, added to each trainable weight."""
+    for param, anchor in anchors:
+        if param.grad is not None:
+            param.grad.add_(param.detach() - anchor, alpha=mu)
+
+
+def _step(
+    optimizer: torch.optim.Optimizer, anchors: list[tuple[torch.Tensor, torch.Tensor]], mu: float
+) -> None:
+    """One optimizer step with FedProx's term added after DP-SGD's clipping and noise.
+
+    Opacus rebuilds ``grad`` from the clipped, noised per-example gradients, so a
+    term in the loss would be lost; the proximal term does not depend on data, so
+    adding it after ``pre_step`` costs no privacy.
+    """
+    pre_step = getattr(optimizer, "pre_step", None)
+    if pre_step is None:
+        _add_proximal_gradient(anchors, mu)
+        optimizer.step()
+    elif pre_step():
+        _add_proximal_gradient(anchors, mu)
+        optimizer.original_optimizer.step()  # type: ignore[attr-defined]
+
+
+def _keep_frozen_batchnorm_fixed(model: nn.Module) -> None:
+    """A frozen backbone keeps its BatchNorm statistics too (head mode): eval mode."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters(recurse=False)
+        ):
+            module.eval()
 
 
 def train(
@@ -59,17 +84,15 @@ def train(
     """Train ``model`` in place with SGD; returns the metrics of the last epoch.
 
     ``proximal_mu`` > 0 adds FedProx's proximal term towards the weights the
-    model had on entry. An ``optimizer`` may be passed in (DP-SGD wraps its own).
+    model had on entry (to the gradient; the reported loss is the data loss). An
+    ``optimizer`` may be passed in (DP-SGD wraps its own).
     """
     model.to(device).train()
+    _keep_frozen_batchnorm_fixed(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer is None:
         optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
-    anchor = (
-        {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        if proximal_mu > 0
-        else {}
-    )
+    anchors = [(p, p.detach().clone()) for p in params] if proximal_mu > 0 else []
     criterion = nn.CrossEntropyLoss()
     loss_sum = correct = seen = 0.0
     for _ in range(epochs):
@@ -82,10 +105,8 @@ def train(
             with autocast(device if mixed_precision else torch.device("cpu")):
                 logits = model(x)
                 loss = criterion(logits.float(), y)
-                if anchor:
-                    loss = loss + proximal_mu / 2 * _proximal_term(model, anchor)
             loss.backward()
-            optimizer.step()
+            _step(optimizer, anchors, proximal_mu)
             loss_sum += float(loss.detach()) * len(y)
             correct += float((logits.argmax(1) == y).sum())
             seen += len(y)

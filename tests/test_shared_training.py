@@ -106,11 +106,6 @@ def test_fedprox_keeps_weights_closer_to_the_start(digits: dict[str, np.ndarray]
     assert prox < 0.5 * free
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Opacus' DPOptimizer rebuilds p.grad from the clipped per-example gradients, "
-    "so the proximal term's gradient is dropped: FedProx under record-level DP is FedAvg",
-)
 def test_fedprox_under_dp_sgd_pulls_towards_the_start() -> None:
     from fedge.client.dp_sgd import make_private
     from fedge.shared.config import PrivacyConfig
@@ -177,3 +172,18 @@ def test_site_fit_and_evaluate(monkeypatch: pytest.MonkeyPatch) -> None:
     assert loss > 0 and eval_metrics[records.METRIC_SITE] == "clinic-a"
     with pytest.raises(ValueError, match="server sent 3 arrays"):
         site.set_parameters([*start, start[0]])
+
+
+def test_head_mode_keeps_the_frozen_backbone_batchnorm_statistics() -> None:
+    """Head mode freezes the whole backbone, its BatchNorm running statistics included."""
+    from fedge.shared.models import build_model, freeze_for_mode
+    from fedge.shared.tasks import image_task
+
+    task = image_task("digits", tuple(str(c) for c in range(10)), 32, 1, "resnet18")
+    model = build_model("resnet18", task)
+    freeze_for_mode(model, "resnet18", "head")
+    before = model.bn1.running_mean.clone()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 3, 32, 32)).astype(np.float32)
+    train(model, make_loader(x, rng.integers(0, 10, 16), 8, True), 1, 0.05, CPU)
+    assert torch.equal(model.bn1.running_mean, before)
