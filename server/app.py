@@ -7,11 +7,13 @@ one, or ``SecAggPlusWorkflow`` when the run config asks for secure aggregation.
 import logging
 from typing import Any
 
+from fedge.server import events
 from fedge.server.federation import ServerRun
 from fedge.server.recorder import RecordingStrategy
 from fedge.server.strategies import build_strategy
 from fedge.shared import records
 from fedge.shared.config import RunConfig
+from fedge.shared.errors import FedgeError
 from flwr.common import Context, Metrics, ndarrays_to_parameters
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
@@ -69,4 +71,10 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_federation(grid, context)
+    try:
+        run_federation(grid, context)
+    except FedgeError as e:
+        # The user's mistake (a missing weights file, a run dir in use, ...): tell
+        # `fedge run` in one line rather than leaving it a traceback in the run log.
+        events.emit("error", message=str(e), hint=e.hint)
+        raise

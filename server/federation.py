@@ -237,6 +237,13 @@ class ServerRun:
             )
         self.pending.epsilon = self.epsilon
 
+    def record_not_aggregated(self) -> None:
+        """The strategy kept the previous global model this round."""
+        if self.pending is not None:
+            self.pending.aggregated = False
+            log.warning("round %d: the global model was not updated", self.pending.round)
+            events.emit("not-aggregated", round=self.pending.round)
+
     def evaluate(
         self, server_round: int, arrays: list[np.ndarray]
     ) -> tuple[float, dict[str, Any]] | None:

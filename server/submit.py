@@ -71,6 +71,7 @@ def submit_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / RUN_LOG
     summary: dict[str, Any] | None = None
+    failure: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="fedge-flwr-") as tmp:
         home = write_flower_home(Path(tmp) / "flwr", superlink, root_certificates)
         overrides = Path(tmp) / "run-config.toml"
@@ -101,6 +102,9 @@ def submit_run(
                         continue
                     if event.get("event") == "done":
                         summary = dict(event.get("summary", {}))
+                    if event.get("event") == "error":
+                        failure = event
+                        break
                     if on_event is not None:
                         on_event(event)
                     if summary is not None:
@@ -112,6 +116,10 @@ def submit_run(
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+    if failure is not None:
+        raise RunError(
+            f"the run failed on the server: {failure.get('message')}", failure.get("hint")
+        )
     if summary is None:
         raise RunError(f"the run ended without a summary; see {log_path}")
     return summary

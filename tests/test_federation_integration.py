@@ -10,6 +10,7 @@ from fedge.server.local_federation import LocalFederation
 from fedge.shared.atomic import read_jsonl
 from fedge.shared.checkpoint import latest_checkpoint, load_checkpoint, load_model_from_checkpoint
 from fedge.shared.config import RunConfig
+from fedge.shared.errors import RunError
 from fedge.shared.model_setup import build_run_model
 from fedge.shared.models import exchanged_keys
 from fedge.shared.task_for_run import task_for_run
@@ -33,8 +34,8 @@ def _config(work: Path, name: str, **changes: Any) -> RunConfig:
     init = work / "init.safetensors"
     if not init.exists():
         initial_weights(init)
+    changes.setdefault("num_rounds", 2)
     return RunConfig(
-        num_rounds=2,
         min_clients=2,
         run_dir=str(work / name),
         init_weights=str(init),
@@ -119,3 +120,20 @@ def test_every_process_is_stopped_even_when_the_block_fails(work: Path) -> None:
         assert processes
         raise RuntimeError("test failure inside the block")
     assert all(proc.poll() is not None for proc in processes)
+
+
+def test_a_site_whose_data_fails_does_not_stop_the_federation(work: Path) -> None:
+    sites = ["digits#0/2", str(work / "no-such-folder")]
+    cfg = _config(work, "broken-site", num_rounds=1)
+    with local_federation(work / "broken", sites) as fed:
+        summary = fed.submit(cfg)
+        assert summary["rounds"] == 1 and summary["clients"] == 1
+        rows = read_jsonl(Path(cfg.run_dir) / "metrics.jsonl")
+        assert len(rows[0]["failures"]) == 1
+        assert "does not exist" in rows[0]["failures"][0]
+
+        corrupt = work / "corrupt.pt"
+        corrupt.write_bytes(b"not a state dict")
+        bad = _config(work, "corrupt-weights").replace(init_weights=str(corrupt))
+        with pytest.raises(RunError, match="cannot read weights file"):
+            fed.submit(bad)

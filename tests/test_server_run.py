@@ -335,3 +335,20 @@ def test_as_model_dtypes_casts_float64_back(tmp_path: Path) -> None:
     assert as_bytes < 0.6 * sum(len(t) for t in ndarrays_to_parameters(wide).tensors)
     assert isinstance(strategy._as_model_dtypes(ndarrays_to_parameters(wide)), Parameters)
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_a_round_the_strategy_does_not_aggregate_is_recorded(tmp_path: Path) -> None:
+    """Flower's DP wrappers return no parameters for a round with a failure: say so."""
+
+    run = ServerRun(RunConfig(run_dir=str(tmp_path / "run"), server_eval=False))
+
+    class KeepsModel(FedAvg):
+        def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+            return None, {}
+
+    strategy = RecordingStrategy(KeepsModel(), run)
+    run.begin_round(1, 2, 2)
+    proxy = FakeProxy(1)
+    fit = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(run.global_arrays()), 10, {})
+    assert strategy.aggregate_fit(1, [(proxy, fit)], [RuntimeError("x")]) == (None, {})
+    assert run.pending is not None and run.pending.aggregated is False
