@@ -1,6 +1,6 @@
 """The Flower App that ``fedge run`` (and ``flwr run``) submits to the SuperLink.
 
-The app folder ``server/flower_app/`` holds only a ``pyproject.toml``: the
+The app folder ``server/flower-app/`` holds only a ``pyproject.toml``: the
 code is the installed fedge package, present on the server and every site
 (runtime dependency installation is off), so the FAB Flower ships is a few
 kilobytes, not the repository. Its ``[tool.flwr.app.config]`` must list every
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fedge.shared.config import RunConfig
 
-APP_DIR = Path(__file__).parent / "flower_app"
+APP_DIR = Path(__file__).parent / "flower-app"
 
 
 def _toml_value(value: object) -> str:
@@ -32,6 +32,7 @@ def render_app_pyproject(version: str) -> str:
         "[project]",
         'name = "fedge"',
         f'version = "{version}"',
+        'license = "Apache-2.0"',
         'description = "fedge federated fine-tuning (the code is the installed fedge package)"',
         "",
         "[tool.flwr.app]",

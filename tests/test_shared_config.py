@@ -70,15 +70,28 @@ def test_flower_app_pyproject_is_current() -> None:
     assert (APP_DIR / "pyproject.toml").read_text() == render_app_pyproject(__version__)
 
 
-def test_flower_app_is_small() -> None:
+def test_flower_app_is_small(tmp_path: Path) -> None:
     """The FAB Flower ships holds the app's pyproject only, not the repository."""
-    import tomllib
+    import os
+    import subprocess
+    import sys
+    import zipfile
 
-    files = [p for p in APP_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
-    assert [p.name for p in files] == ["pyproject.toml"]
-    app = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert app["fab-include"] == ["pyproject.toml"]
-    assert sum(p.stat().st_size for p in files) < 8 * 1024
+    flwr = Path(sys.executable).parent / "flwr"
+    env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    done = subprocess.run(
+        [str(flwr), "build", "--app", str(APP_DIR)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (fab,) = tmp_path.glob("*.fab")
+    assert fab.stat().st_size < 4 * 1024
+    names = zipfile.ZipFile(fab).namelist()
+    assert [n for n in names if not n.startswith(".info/")] == ["pyproject.toml"]
 
 
 def test_every_subpackage_is_packaged() -> None:
