@@ -88,25 +88,61 @@ def spawn(
         )
 
 
-def stop_process(proc: subprocess.Popen[bytes] | int, timeout: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL it if it has not gone in ``timeout``."""
-    pid = proc if isinstance(proc, int) else proc.pid
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc; empty where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _signal_all(pids: list[int], group: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(group, sig)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def stop_process(proc: subprocess.Popen[bytes] | int, timeout: float = 10.0) -> None:
+    """SIGTERM the process, its group and all its descendants; SIGKILL what is left.
+
+    Descendants are collected first: Flower's SuperExec starts ServerApp processes
+    that would otherwise outlive a stopped SuperLink as orphans.
+    """
+    pid = proc if isinstance(proc, int) else proc.pid
+    descendants = _descendants(pid)
+    family = [pid, *descendants]
+    _signal_all(family, pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(proc):
-            return
+        if not _alive(proc) and not any(_alive(p) for p in descendants):
+            break
         time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+    else:
+        _signal_all(family, pid, signal.SIGKILL)
     if not isinstance(proc, int):
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
 
 
 def _alive(proc: subprocess.Popen[bytes] | int) -> bool:
-    if isinstance(proc, int):
+    """Running (a zombie, exited but not yet reaped by its parent, counts as gone)."""
+    if not isinstance(proc, int):
+        return proc.poll() is None
+    try:
+        state = Path(f"/proc/{proc}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         try:
             os.kill(proc, 0)
         except ProcessLookupError:
@@ -114,7 +150,7 @@ def _alive(proc: subprocess.Popen[bytes] | int) -> bool:
         except PermissionError:
             return True
         return True
-    return proc.poll() is None
+    return state != "Z"
 
 
 def wait_until(

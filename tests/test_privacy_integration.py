@@ -38,7 +38,7 @@ def _config(
         initial_weights(init)
     return RunConfig(
         num_rounds=rounds,
-        min_clients=3,
+        min_clients=min_clients,
         run_dir=str(work / name),
         init_weights=str(init),
         federated_eval=False,
