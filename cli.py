@@ -11,6 +11,7 @@ import logging
 import sys
 
 import typer
+
 from fedge.shared.errors import ExitCode, FedgeError
 
 app = typer.Typer(

@@ -37,6 +37,7 @@ def _percentiles(ms: list[float]) -> dict[str, float]:
 def digits_bundles(work: Path, private: Path) -> tuple[list[Path], np.ndarray]:
     """Train a small CNN on digits briefly, export two signed bundle versions of it."""
     import torch
+
     from fedge.edge.build.pipeline import export_bundle
     from fedge.shared.checkpoint import save_checkpoint
     from fedge.shared.config import load_run_config
@@ -135,6 +136,7 @@ async def _load(url: str, examples: np.ndarray, requests: int, concurrency: int)
 def http_serving(bundle: Path, key: Path, examples: np.ndarray, requests: int, work: Path) -> list:
     """``fedge edge serve BUNDLE`` in its own process, loaded at concurrency 1, 4 and 16."""
     import httpx
+
     from fedge.shared.processes import ProcessGroup, free_port, wait_until
 
     port = free_port()

@@ -34,8 +34,9 @@ DELTA = 1e-5
 
 def record_noise_for(target: float, cfg: RunConfig) -> float:
     """Smallest DP-SGD noise that keeps every site at or under ``target`` epsilon."""
-    from fedge.client.site import load_site_data
     from opacus.accountants.utils import get_noise_multiplier
+
+    from fedge.client.site import load_site_data
 
     noise = 0.0
     for spec in SITES:
@@ -96,11 +97,12 @@ def _row(name: str, summary: dict[str, Any], seconds: float) -> dict[str, Any]:
 
 def run_simulated(base: RunConfig, work: Path, clients: int, sampled: int) -> dict[str, Any]:
     """Site-level DP on Flower's simulation engine with ``clients`` virtual sites."""
-    from fedge.client import app as client_module
-    from fedge.server.app import run_federation
     from flwr.client import ClientApp
     from flwr.server import ServerApp
     from flwr.simulation import run_simulation
+
+    from fedge.client import app as client_module
+    from fedge.server.app import run_federation
 
     rate = sampled / clients
     privacy = PrivacyConfig(

@@ -9,12 +9,13 @@ stages run in a fresh process per message and need no model.
 from typing import Any
 
 import numpy as np
-from fedge.shared.config import RunConfig
 from flwr.app.message_type import MessageType
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.common import Context, Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from fedge.shared.config import RunConfig
 
 # Key Flower's server-side DP wrapper puts in the fit config when clients must clip.
 _CLIPPING_KEY = "clipping_norm"

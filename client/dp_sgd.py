@@ -14,10 +14,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from fedge.shared.config import PrivacyConfig
-from fedge.shared.errors import RunError
 from torch import nn
 from torch.utils.data import DataLoader
+
+from fedge.shared.config import PrivacyConfig
+from fedge.shared.errors import RunError
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from fedge.shared.atomic import atomic_write_bytes, atomic_write_json
 from fedge.shared.enrollment_files import (
     APPROVAL_SUFFIX,

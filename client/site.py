@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from fedge.shared import records
 from fedge.shared.config import RunConfig
 from fedge.shared.data import RawData, load_data

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 from fedge.shared.errors import ConnectionFailed
 
 if TYPE_CHECKING:
-    from fedge.shared.tls import TLSFiles
     from rich.console import Console
+
+    from fedge.shared.tls import TLSFiles
 
 DEVICE = "demo-edge-1"
 # Module entry points equal to `fedge registry ...` / `fedge edge ...`; they import only what
@@ -43,6 +44,7 @@ def _enroll(registry_dir: Path, token_file: Path) -> None:
 def _predict(serve_url: str, bundle_dir: Path) -> list[dict[str, Any]]:
     """Send the bundle's self-test examples to ``/predict``; pair answers with expectations."""
     import httpx
+
     from fedge.shared.bundle import read_manifest, self_test_inputs
 
     manifest = read_manifest(bundle_dir)

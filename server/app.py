@@ -7,6 +7,10 @@ one, or ``SecAggPlusWorkflow`` when the run config asks for secure aggregation.
 import logging
 from typing import Any
 
+from flwr.common import Context, Metrics, ndarrays_to_parameters
+from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
 from fedge.server import events
 from fedge.server.federation import ServerRun
 from fedge.server.recorder import RecordingStrategy
@@ -14,9 +18,6 @@ from fedge.server.strategies import build_strategy
 from fedge.shared import records
 from fedge.shared.config import RunConfig
 from fedge.shared.errors import FedgeError
-from flwr.common import Context, Metrics, ndarrays_to_parameters
-from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 log = logging.getLogger(__name__)
 app = ServerApp()

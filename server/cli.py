@@ -5,9 +5,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from fedge.shared.errors import ConfigError
 from rich.console import Console
 from rich.table import Table
+
+from fedge.shared.errors import ConfigError
 
 app = typer.Typer(help="Run the federation server (Flower SuperLink) and enroll sites.")
 DataDir = Annotated[

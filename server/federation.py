@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from fedge.server import events
 from fedge.server.privacy import privacy_record, site_level_epsilon
 from fedge.shared import records

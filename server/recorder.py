@@ -8,7 +8,6 @@ what each site reported, which sites failed, and the privacy budget.
 import logging
 from typing import Any
 
-from fedge.server.federation import ServerRun
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -22,6 +21,8 @@ from flwr.common import (
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
+
+from fedge.server.federation import ServerRun
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from fedge.shared.errors import ConfigError
 from rich.console import Console
+
+from fedge.shared.errors import ConfigError
 
 
 def _root_certificates(ca: Path | None, insecure: bool) -> Path | None:

@@ -9,7 +9,6 @@ chosen strategy in Flower's own ``DifferentialPrivacyClientSideFixedClipping``.
 from collections.abc import Callable
 from typing import Any
 
-from fedge.shared.config import RunConfig
 from flwr.common import MetricsAggregationFn, Parameters
 from flwr.server.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -18,6 +17,8 @@ from flwr.server.strategy import (
     FedProx,
     Strategy,
 )
+
+from fedge.shared.config import RunConfig
 
 EvaluateFn = Callable[[int, Any, dict[str, Any]], tuple[float, dict[str, Any]] | None]
 

@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
+
 from fedge.shared import signing
 from fedge.shared.atomic import atomic_write_bytes
 from fedge.shared.bundle_selftest import (

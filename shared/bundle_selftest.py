@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from fedge.shared.errors import BundleError
 
 if TYPE_CHECKING:

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from fedge.shared.atomic import atomic_path
 from fedge.shared.errors import ModelError
 from fedge.shared.tasks import TaskSpec
-from torch import nn
 
 FORMAT = "fedge-checkpoint/1"
 CHECKPOINT_DIR = "checkpoints"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from fedge.shared.errors import DataError
 from fedge.shared.tasks import BUILTIN_TASKS, TabularPreprocessing, TaskSpec
 

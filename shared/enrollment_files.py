@@ -19,6 +19,7 @@ from typing import Any
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from fedge.shared.errors import ConfigError, SecurityError
 from fedge.shared.processes import split_address
 

@@ -5,11 +5,12 @@ GroupNorm, under record-level DP) -> load the initial weights -> freeze for the
 fine-tuning mode. Server and sites must end with identical frozen backbones.
 """
 
+from torch import nn
+
 from fedge.shared.config import RunConfig
 from fedge.shared.models import build_model, freeze_for_mode
 from fedge.shared.tasks import TaskSpec
 from fedge.shared.weights import load_init_weights
-from torch import nn
 
 
 def make_dp_compatible(model: nn.Module) -> nn.Module:

@@ -7,10 +7,11 @@ Every model exposes its classifier head under a known attribute path
 from collections.abc import Iterable
 
 import torch
+from torch import nn
+
 from fedge.shared.errors import ConfigError
 from fedge.shared.model_names import check_model_name, is_torchvision
 from fedge.shared.tasks import TaskSpec
-from torch import nn
 
 # Attribute path of each model's classifier head, as it appears in state_dict keys.
 HEAD_PATH = {

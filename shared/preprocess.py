@@ -7,6 +7,7 @@ functions, so a device preprocesses exactly as the federation trained.
 from collections.abc import Sequence
 
 import numpy as np
+
 from fedge.shared.errors import DataError
 from fedge.shared.tasks import ImagePreprocessing, Preprocessing, TabularPreprocessing
 

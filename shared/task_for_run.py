@@ -1,6 +1,7 @@
 """Resolve a run config's task into a ``TaskSpec`` (classes, input size, normalisation)."""
 
 import numpy as np
+
 from fedge.shared.config import RunConfig
 from fedge.shared.model_names import TORCHVISION_MIN_SIZE, is_torchvision
 from fedge.shared.tasks import TabularPreprocessing, TaskSpec, image_task

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from fedge.shared.device import autocast
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from fedge.shared.device import autocast
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fedge.shared import signing
 from fedge.shared.bundle import make_self_test, write_signed_manifest
 from fedge.shared.tasks import ImagePreprocessing, TabularPreprocessing, TaskSpec
@@ -140,6 +141,7 @@ class ServerThread:
 
     def __init__(self, app: Any, ssl: tuple[Path, Path] | None = None) -> None:
         import uvicorn
+
         from fedge.shared.processes import free_port
 
         self.port = free_port()

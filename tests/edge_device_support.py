@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from fedge.shared import bundle, signing
 from fedge.shared.tasks import ImagePreprocessing, TabularPreprocessing, TaskSpec
 

@@ -5,6 +5,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
 from fedge.server.local_federation import LocalFederation
 from fedge.shared.checkpoint import save_checkpoint
 from fedge.shared.config import RunConfig

@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 from deploy_support import ServerThread, make_bundle, make_keys, tamper_artifact
+
 from fedge.edge.device.agent import AgentConfig, default_health_check, run_agent_once
 from fedge.server.registry.api import create_app
 from fedge.server.registry.devices import DeviceStore

@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 from deploy_support import make_bundle, make_keys
+from rich.console import Console
+
 from fedge.edge.deploy_demo import DEVICE, deploy_demo
 from fedge.shared.processes import port_open
 from fedge.shared.tls import ensure_server_certificate
-from rich.console import Console
 
 
 @pytest.mark.slow

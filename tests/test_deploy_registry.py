@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 from deploy_support import make_bundle, make_keys, tamper_artifact
+from typer.testing import CliRunner
+
 from fedge.server.registry.devices import DeviceRevoked, DeviceStore, DeviceUnknown, StatusReport
 from fedge.server.registry.fleet import device_view, fleet
 from fedge.server.registry.publish import publish_bundle
@@ -14,7 +16,6 @@ from fedge.server.registry.store import Registry
 from fedge.server.registry_cli import fleet_app, registry_app
 from fedge.shared.bundle import pack_bundle
 from fedge.shared.errors import BundleError, RegistryError
-from typer.testing import CliRunner
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 from deploy_support import make_bundle, make_keys, serving
+
 from fedge.server.registry.api import create_app
 from fedge.server.registry.devices import DeviceStore
 from fedge.server.registry.publish import publish_bundle

@@ -12,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from edge_device_support import ArtifactPlan, digits_task, make_bundle, make_keys
+
 from fedge.shared import bundle, signing
 from fedge.shared.errors import BundleError, SecurityError
 

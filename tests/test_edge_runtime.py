@@ -15,6 +15,9 @@ from edge_device_support import (
     rgb_task,
     tabular_task,
 )
+from PIL import Image
+from typer.testing import CliRunner
+
 from fedge.edge.device.bench import bench_bundle, render_bench_table
 from fedge.edge.device.cli import app
 from fedge.edge.device.inputs import load_inputs
@@ -22,8 +25,6 @@ from fedge.edge.device.runtime import EdgeModel, select_artifact
 from fedge.shared.bundle import read_manifest
 from fedge.shared.errors import BundleError, ConfigError, DataError, ModelError
 from fedge.shared.preprocess import prepare
-from PIL import Image
-from typer.testing import CliRunner
 
 # Sizes grow from top to bottom, so the expected default is known without measuring.
 MIXED = (

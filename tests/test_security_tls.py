@@ -12,6 +12,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from fedge.shared.errors import ConfigError, SecurityError
 from fedge.shared.tls import (
     TLSFiles,

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+
 from fedge.server.flower_app_config import APP_DIR, render_app_pyproject
 from fedge.shared.config import RunConfig, load_run_config
 from fedge.shared.errors import ConfigError

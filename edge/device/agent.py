@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+
 from fedge.edge.device.activation import AgentDir
 from fedge.shared.bundle import self_test_inputs, unpack_bundle, verify_bundle
 from fedge.shared.errors import BundleError, ConnectionFailed, FedgeError, SecurityError

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fedge.shared.bundle import self_test_inputs, verify_bundle
 from fedge.shared.errors import BundleError
 from fedge.shared.telemetry import telemetry_environment

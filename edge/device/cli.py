@@ -63,10 +63,11 @@ def predict(
     as_json: JsonOpt = False,
 ) -> None:
     """Verify BUNDLE and predict the label of each INPUT."""
-    from fedge.edge.device.inputs import load_inputs
-    from fedge.edge.device.runtime import EdgeModel
     from rich.console import Console
     from rich.table import Table
+
+    from fedge.edge.device.inputs import load_inputs
+    from fedge.edge.device.runtime import EdgeModel
 
     fmt = format.value if format else None
     prec = precision.value if precision else None
@@ -101,8 +102,9 @@ def bench(
     as_json: JsonOpt = False,
 ) -> None:
     """Measure size, load time, latency, throughput, memory and self-test of every artifact."""
-    from fedge.edge.device.bench import bench_bundle, render_bench_table
     from rich.console import Console
+
+    from fedge.edge.device.bench import bench_bundle, render_bench_table
 
     rows = bench_bundle(
         bundle, _trusted_key(key), warmup=warmup, iterations=iterations, batch=batch

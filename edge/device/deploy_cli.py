@@ -69,9 +69,10 @@ def agent(
     once: Annotated[bool, typer.Option("--once", help="Poll once and exit.")] = False,
 ) -> None:
     """Keep DIR on the channel's version: download, verify, self-test, activate, roll back."""
+    from rich.console import Console
+
     from fedge.edge.device.agent import AgentConfig, AgentResult, run_agent, run_agent_once
     from fedge.shared.errors import BundleError, ConnectionFailed
-    from rich.console import Console
 
     console = Console()
     config = AgentConfig(
@@ -122,8 +123,9 @@ def serve(
     ] = None,
 ) -> None:
     """Serve POST /predict, GET /healthz and GET /metrics for a bundle or the agent's model."""
-    from fedge.edge.device.serve import ServeConfig, run_server
     from rich.console import Console
+
+    from fedge.edge.device.serve import ServeConfig, run_server
 
     config = ServeConfig(
         trusted_key=_trusted_key(key),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from fedge.shared.errors import DataError
 from fedge.shared.preprocess import prepare
 from fedge.shared.tasks import ImagePreprocessing, TabularPreprocessing, TaskSpec

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
 from fedge.shared.bundle import (
     ArtifactEntry,
     Manifest,

@@ -22,16 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fedge.edge.device.metrics import ServeMetrics
-from fedge.edge.device.runtime import EdgeModel
-from fedge.shared.atomic import atomic_write_json
-from fedge.shared.errors import BundleError, DataError
-from fedge.shared.tasks import ImagePreprocessing
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+
+from fedge.edge.device.metrics import ServeMetrics
+from fedge.edge.device.runtime import EdgeModel
+from fedge.shared.atomic import atomic_write_json
+from fedge.shared.errors import BundleError, DataError
+from fedge.shared.tasks import ImagePreprocessing
 
 log = logging.getLogger(__name__)
 

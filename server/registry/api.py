@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
 from fedge.server.registry.devices import (
     Device,
     DeviceRevoked,
@@ -24,7 +26,6 @@ from fedge.server.registry.devices import (
 )
 from fedge.server.registry.store import Registry
 from fedge.shared.errors import ConfigError, RegistryError
-from pydantic import BaseModel, Field
 
 log = logging.getLogger(__name__)
 
