@@ -26,7 +26,7 @@ from fedge.shared.config import PrivacyConfig, RunConfig
 from fedge.shared.errors import ConfigError
 from fedge.shared.processes import ProcessGroup
 
-PRETRAIN_EPOCHS = 30
+PRETRAIN_EPOCHS = 10  # a deliberately small start, so the federation has something to add
 DEMO_MODEL = "cnn"
 
 
@@ -61,7 +61,7 @@ def demo_config(options: DemoOptions, init_weights: Path) -> RunConfig:
         strategy="fedavg",
         num_rounds=options.rounds,
         local_epochs=1,
-        lr=0.05,
+        lr=0.02,
         batch_size=32,
         min_clients=options.clients,
         # The server evaluates on held-out data every round; sites evaluating too would

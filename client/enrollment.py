@@ -1,11 +1,11 @@
 """A site's side of enrollment: its key pair, its request, and installing the approval.
 
-Flow (docs/readme/security.md): ``fedge client enroll`` makes the site's ECDSA P-384
-key pair and ``SITE.enroll.json``; the operator's ``fedge server approve`` answers
-with ``SITE.approved.json``, which ``fedge client enroll --accept`` installs here
-after the site admin has compared the CA fingerprint with the one the operator read
-out. ``fedge client start`` then runs the SuperNode with this site's key and the CA.
-The private key never leaves this folder.
+Flow (README, "Security: TLS and site enrollment"): ``fedge client enroll`` makes
+the site's ECDSA P-384 key pair and ``SITE.enroll.json``; the operator's ``fedge
+server approve`` answers with ``SITE.approved.json``, which ``fedge client enroll
+--accept`` installs here after the site admin has compared the CA fingerprint with
+the one the operator read out. ``fedge client start`` then runs the SuperNode with
+this site's key and the CA. The private key never leaves this folder.
 
 Files in ``site_dir(SITE)`` (folder mode 0700):
 ``site.key`` (OpenSSH private key, 0600), ``site.pub`` (OpenSSH public key),

@@ -4,7 +4,7 @@ The SuperLink is the authority on which keys may connect (``flwr supernode regis
 unregister / list``, run as a subprocess against a connection kept under the data dir);
 fedge keeps a registry beside it (``DATA_DIR/sites.json``) that maps site names to keys
 and node ids and remembers revoked keys, which Flower never lets back in. See
-docs/readme/security.md for the whole flow.
+README.md, "Security: TLS and site enrollment" for the whole flow.
 """
 
 import contextlib

@@ -36,7 +36,7 @@ def check_against_torch(
 
     (Static int8 logits can be far off on inputs outside the calibration range,
     e.g. breast-cancer rows beyond the 85-row public split, while the class is
-    still right; see docs/readme/export.md.)
+    still right; see README.md, "Formats and quantization".)
     """
     ckpt = load_checkpoint(run_dir / "model.safetensors")
     model = load_model_from_checkpoint(ckpt)

@@ -149,7 +149,7 @@ def test_static_int8_calibration_is_accurate(
     Dynamic quantization measures each batch's activation range at run time, so
     it is the accuracy ceiling for int8; static trades that for speed with ranges
     fixed at export. We require static to be within 0.5 points of dynamic
-    (equal on this model, see docs/readme/export.md) and far better than the same
+    (equal on this model, see README.md, "Formats and quantization") and far better than the same
     quantizer calibrated on inputs of the wrong scale.
     """
     rows = {row["artifact"]: row for row in cnn_export.rows}
