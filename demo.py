@@ -125,7 +125,7 @@ def run_demo(options: DemoOptions, console: Console) -> dict[str, Any]:
     cfg = demo_config(options, pretrained)
     summary: dict[str, Any] = {"pretrained_accuracy": pretrained_accuracy}
     with ProcessGroup() as group:
-        run_summary = _federate(cfg, options, group, console)
+        run_summary, tls = _federate(cfg, options, group, console)
         summary.update(
             final_accuracy=run_summary.get("final_accuracy"),
             rounds=run_summary.get("rounds"),
@@ -133,7 +133,7 @@ def run_demo(options: DemoOptions, console: Console) -> dict[str, Any]:
             privacy=run_summary.get("privacy"),
             run_dir=cfg.run_dir,
         )
-        summary.update(_edge(out, Path(cfg.run_dir), group, console))
+        summary.update(_edge(out, Path(cfg.run_dir), tls, console))
     summary["seconds"] = round(time.monotonic() - started, 1)
     atomic_write_json(out / "summary.json", summary)
     console.rule("[bold]done")
@@ -147,8 +147,8 @@ def run_demo(options: DemoOptions, console: Console) -> dict[str, Any]:
 
 def _federate(
     cfg: RunConfig, options: DemoOptions, group: ProcessGroup, console: Console
-) -> dict[str, Any]:
-    """Steps 2-3: a secured federation on loopback, and the run."""
+) -> tuple[dict[str, Any], Any]:
+    """Steps 2-3: a secured federation on loopback, and the run; returns its TLS files."""
     from fedge.server.local_federation import LocalFederation
     from fedge.server.progress import RunProgress, rounds_table
 
@@ -170,10 +170,10 @@ def _federate(
     with RunProgress(console, cfg.num_rounds, show_eps) as progress:
         run_summary = federation.submit(cfg, on_event=progress.on_event)
     console.print(rounds_table(progress.rows, show_eps))
-    return run_summary
+    return run_summary, federation.tls
 
 
-def _edge(out: Path, run_dir: Path, group: ProcessGroup, console: Console) -> dict[str, Any]:
+def _edge(out: Path, run_dir: Path, tls: Any, console: Console) -> dict[str, Any]:
     """Step 4: export, validate, sign, bench and deploy the federated model."""
     from fedge.edge.build.pipeline import ArtifactsFailed, export_bundle
     from fedge.edge.deploy_demo import deploy_demo
@@ -194,7 +194,8 @@ def _edge(out: Path, run_dir: Path, group: ProcessGroup, console: Console) -> di
     rows = bench_bundle(report.bundle_dir, public_key, iterations=50)
     console.print(render_bench_table(rows))
     console.rule("[bold]6. deploy over the air to an edge device and serve predictions")
-    deployment = deploy_demo(report.bundle_dir, out / "deploy", public_key, None, console)
+    # The registry API serves with the SuperLink's certificate (plain HTTP with --no-privacy).
+    deployment = deploy_demo(report.bundle_dir, out / "deploy", public_key, tls, console)
     return {
         "bundle": str(report.bundle_dir),
         "validation": report.rows,
