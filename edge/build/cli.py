@@ -1,0 +1,122 @@
+"""``fedge export`` and ``fedge keys``: parse options, call the export library, render results.
+
+Heavy imports (torch, onnx, litert-torch) happen inside the commands, so that
+``fedge --help`` stays fast. The root app (``fedge.cli``) registers ``export``
+as a command and ``keys_app`` as the ``keys`` group, and turns a ``FedgeError``
+into a message and an exit code.
+"""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+keys_app = typer.Typer(
+    help="The Ed25519 key that signs model bundles (devices trust its public half).",
+    no_args_is_help=True,
+)
+
+KeyOption = Annotated[
+    Path | None,
+    typer.Option("--key", help="Private key path (default: $FEDGE_HOME/keys/signing.key)."),
+]
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def export(
+    source: Annotated[Path, typer.Argument(help="A run directory or a checkpoint file.")],
+    formats: Annotated[str, typer.Option(help="Comma-separated: onnx, tflite.")] = "onnx,tflite",
+    quantize: Annotated[
+        str, typer.Option(help="Comma-separated: none (fp32), dynamic, static.")
+    ] = "none,dynamic,static",
+    calibration: Annotated[
+        str | None,
+        typer.Option(help="Data spec for static calibration (default: TASK:public)."),
+    ] = None,
+    eval_data: Annotated[
+        str | None,
+        typer.Option("--eval-data", help="Data spec to validate on (default: TASK:test)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Bundle directory (default: RUN_DIR/bundle)."),
+    ] = None,
+    max_accuracy_drop: Annotated[
+        float, typer.Option(help="Accuracy points an artifact may lose vs PyTorch.")
+    ] = 1.0,
+    key: KeyOption = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing bundle directory.")] = False,
+) -> None:
+    """Export a run's model to ONNX/TFLite, quantize, validate and sign a bundle."""
+    from rich.console import Console
+
+    from fedge.edge.build.pipeline import ArtifactsFailed, export_bundle
+
+    console = Console()
+    default = source / "bundle" if source.is_dir() else source.with_name(f"{source.stem}-bundle")
+    out_dir = out if out is not None else default
+    try:
+        report = export_bundle(
+            source,
+            out_dir,
+            formats=_split(formats),
+            quantize=_split(quantize),
+            calibration=calibration,
+            eval_data=eval_data,
+            signing_key=key,
+            max_accuracy_drop=max_accuracy_drop,
+            force=force,
+        )
+    except ArtifactsFailed as e:
+        console.print(e.report.table())
+        raise
+    console.print(report.table())
+    console.print(f"bundle {report.bundle_id} written to [bold]{report.bundle_dir}[/]")
+
+
+@keys_app.command("create")
+def create(
+    key: KeyOption = None,
+    force: Annotated[
+        bool, typer.Option(help="Replace an existing key (old bundles stop verifying).")
+    ] = False,
+) -> None:
+    """Create the bundle signing key pair (private key mode 0600, public key beside it)."""
+    from fedge.shared.paths import signing_key_path
+    from fedge.shared.signing import generate_signing_key
+
+    private = key or signing_key_path()
+    public = generate_signing_key(private, overwrite=force)
+    typer.echo(f"private key: {private} (keep it on the server; never copy it)")
+    _show(private, public)
+
+
+@keys_app.command("show")
+def show(key: KeyOption = None) -> None:
+    """Print the public key and its fingerprint, to copy onto devices."""
+    from fedge.shared.paths import signing_key_path
+    from fedge.shared.signing import public_key_path_for
+
+    private = key or signing_key_path()
+    _show(private, public_key_path_for(private))
+
+
+def _show(private: Path, public: Path) -> None:
+    from fedge.shared.errors import SecurityError
+    from fedge.shared.signing import load_public_key, public_key_fingerprint
+
+    if not public.is_file():
+        raise SecurityError(
+            f"no public key at {public}",
+            hint="create the key pair with `fedge keys create` (or pass --key PATH)",
+        )
+    fingerprint = public_key_fingerprint(load_public_key(public))
+    typer.echo(f"public key: {public}")
+    typer.echo(f"fingerprint: {fingerprint}")
+    typer.echo(
+        "copy it onto each device as $FEDGE_HOME/keys/signing.pub (or pass `--key` there):"
+    )
+    typer.echo(public.read_text(encoding="utf-8").rstrip())
