@@ -70,7 +70,10 @@ class Site:
 
     def __init__(self, cfg: RunConfig, node_config: dict[str, Any]) -> None:
         self.cfg = cfg
-        self.name = str(node_config.get(records.NODE_SITE, "site"))
+        self.name = str(
+            node_config.get(records.NODE_SITE)
+            or f"partition-{node_config.get('partition-id', 0)}"  # Flower's simulation engine
+        )
         data_spec = str(node_config.get(records.NODE_DATA, "")) or _simulation_data(
             cfg, node_config
         )
