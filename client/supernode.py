@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedge.server.flower_app_config import toml_value
 from fedge.shared import records
 from fedge.shared.processes import ProcessGroup, child_environment, flower_tool, free_port, spawn
 
@@ -37,10 +38,6 @@ class SuperNodeSpec:
         return self.log_dir / f"supernode-{self.site}.log"
 
 
-def _quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def node_config(spec: SuperNodeSpec) -> str:
     """Flower's ``--node-config`` string: space-separated TOML key=value pairs."""
     values = {
@@ -50,7 +47,7 @@ def node_config(spec: SuperNodeSpec) -> str:
     }
     if spec.init_weights:
         values[records.NODE_INIT_WEIGHTS] = spec.init_weights
-    return " ".join(f"{key}={_quote(value)}" for key, value in values.items())
+    return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
 
 
 def supernode_command(spec: SuperNodeSpec, port: int) -> list[str]:

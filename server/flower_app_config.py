@@ -16,7 +16,8 @@ from fedge.shared.config import RunConfig
 APP_DIR = Path(__file__).parent / "flower-app"
 
 
-def _toml_value(value: object) -> str:
+def toml_value(value: object) -> str:
+    """A scalar as a TOML value (run config values are str, int, float or bool)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -45,7 +46,7 @@ def render_app_pyproject(version: str) -> str:
         "",
         "[tool.flwr.app.config]",
     ]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in RunConfig().to_flower().items()]
+    lines += [f"{key} = {toml_value(value)}" for key, value in RunConfig().to_flower().items()]
     return "\n".join(lines) + "\n"
 
 

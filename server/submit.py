@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedge.server import events
-from fedge.server.flower_app_config import APP_DIR
+from fedge.server.flower_app_config import APP_DIR, toml_value
 from fedge.shared.config import RunConfig
 from fedge.shared.errors import ConnectionFailed, RunError
 from fedge.shared.processes import child_environment, flower_tool, port_open, split_address
@@ -24,22 +24,14 @@ CONNECTION = "fedge"
 RUN_LOG = "run.log"
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
-
-
 def write_flower_home(home: Path, superlink: str, root_certificates: Path | None) -> Path:
     """A ``FLWR_HOME`` whose config.toml names one connection, ``fedge``."""
     home.mkdir(parents=True, exist_ok=True)
-    lines = [f"[superlink.{CONNECTION}]", f"address = {_toml_value(superlink)}"]
+    lines = [f"[superlink.{CONNECTION}]", f"address = {toml_value(superlink)}"]
     if root_certificates is None:
         lines.append("insecure = true")
     else:
-        lines.append(f"root-certificates = {_toml_value(str(root_certificates.resolve()))}")
+        lines.append(f"root-certificates = {toml_value(str(root_certificates.resolve()))}")
     (home / "config.toml").write_text("\n".join(lines) + "\n")
     return home
 
@@ -76,7 +68,7 @@ def submit_run(
         home = write_flower_home(Path(tmp) / "flwr", superlink, root_certificates)
         overrides = Path(tmp) / "run-config.toml"
         overrides.write_text(
-            "".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.to_flower().items())
+            "".join(f"{k} = {toml_value(v)}\n" for k, v in cfg.to_flower().items())
         )
         command = [
             flower_tool("flwr"),

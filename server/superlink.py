@@ -6,7 +6,6 @@ unless the operator opts out explicitly (``--insecure``).
 """
 
 import logging
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from fedge.shared.processes import (
     ProcessGroup,
     child_environment,
     flower_tool,
+    is_running,
     port_open,
     spawn,
     stop_process,
@@ -117,18 +117,8 @@ def stop_superlink(data_dir: Path) -> bool:
     except ValueError:
         pid_file.unlink(missing_ok=True)
         return False
-    running = _alive(pid)
+    running = is_running(pid)
     if running:
         stop_process(pid)
     pid_file.unlink(missing_ok=True)
     return running
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

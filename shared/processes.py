@@ -126,7 +126,7 @@ def stop_process(proc: subprocess.Popen[bytes] | int, timeout: float = 10.0) -> 
     _signal_all(family, pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(proc) and not any(_alive(p) for p in descendants):
+        if not is_running(proc) and not any(is_running(p) for p in descendants):
             break
         time.sleep(0.1)
     else:
@@ -136,7 +136,7 @@ def stop_process(proc: subprocess.Popen[bytes] | int, timeout: float = 10.0) -> 
             proc.wait(timeout=5)
 
 
-def _alive(proc: subprocess.Popen[bytes] | int) -> bool:
+def is_running(proc: subprocess.Popen[bytes] | int) -> bool:
     """Running (a zombie, exited but not yet reaped by its parent, counts as gone)."""
     if not isinstance(proc, int):
         return proc.poll() is None

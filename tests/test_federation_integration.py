@@ -116,7 +116,7 @@ def test_resume_after_an_interrupted_run_ends_at_the_configured_round(work: Path
 
 
 def test_every_process_is_stopped_even_when_the_block_fails(work: Path) -> None:
-    from fedge.shared.processes import _alive, _descendants
+    from fedge.shared.processes import _descendants, is_running
 
     with pytest.raises(RuntimeError), local_federation(work / "cleanup", SITES[:1]) as fed:
         processes = [proc for _, proc in fed.group.processes]
@@ -124,7 +124,7 @@ def test_every_process_is_stopped_even_when_the_block_fails(work: Path) -> None:
         assert processes and family  # the SuperLink's SuperExec, the SuperNode's executor
         raise RuntimeError("test failure inside the block")
     assert all(proc.poll() is not None for proc in processes)
-    assert not [pid for pid in family if _alive(pid)]
+    assert not [pid for pid in family if is_running(pid)]
 
 
 def test_a_site_whose_data_fails_does_not_stop_the_federation(work: Path) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fedge.shared.atomic import atomic_write_json
+from fedge.shared.atomic import atomic_write_json, fsync_dir
 from fedge.shared.errors import ConfigError
 
 CURRENT = "current"
@@ -32,14 +32,6 @@ VERSIONS = "versions"
 INCOMING = "incoming"
 STATE = "state.json"
 SERVE_STATS = "serve-stats.json"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class AgentDir:
@@ -106,7 +98,7 @@ class AgentDir:
             shutil.rmtree(trash, ignore_errors=True)
         _fsync_tree(staged)
         os.rename(staged, target)
-        _fsync_dir(self.versions)
+        fsync_dir(self.versions)
         os.utime(target)
         return target
 
@@ -120,12 +112,12 @@ class AgentDir:
             os.replace(tmp, self.current_link)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def deactivate(self) -> None:
         """Remove ``current`` (only when the sole installed version failed after activation)."""
         self.current_link.unlink(missing_ok=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def remove(self, version: str) -> None:
         """Delete an installed version (never the active one)."""
@@ -176,4 +168,4 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))

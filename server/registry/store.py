@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from fedge.shared.atomic import fsync_dir
 from fedge.shared.errors import RegistryError
+from fedge.shared.processes import is_running
 
 DB_NAME = "registry.sqlite"
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
@@ -306,7 +308,7 @@ class Registry:
                     shutil.rmtree(target)
                 fsync_tree(staged)
                 os.rename(staged, target)
-                _fsync_dir(self.versions_dir)
+                fsync_dir(self.versions_dir)
             try:
                 with transaction(conn):
                     if created:
@@ -417,20 +419,4 @@ def _record(row: sqlite3.Row, channels: tuple[str, ...]) -> VersionRecord:
 
 
 def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return pid == os.getpid() or is_running(pid)
