@@ -26,7 +26,7 @@ app = typer.Typer(
 def _register() -> None:
     """Attach every command group; each module keeps its heavy imports inside commands."""
     from fedge.client.cli import app as client_app
-    from fedge.demo import demo
+    from fedge.demo.pipeline import demo
     from fedge.edge.build.cli import export, keys_app
     from fedge.edge.device.cli import app as edge_app
     from fedge.edge.device.deploy_cli import register as register_deploy_commands

@@ -22,8 +22,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from fedge.demo import pretrain
-from fedge.server.local_federation import LocalFederation
+from fedge.demo.federation import LocalFederation
+from fedge.demo.pipeline import pretrain
 from fedge.server.privacy import site_level_epsilon
 from fedge.shared.config import PrivacyConfig, RunConfig
 from fedge.shared.processes import ProcessGroup

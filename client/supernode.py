@@ -11,8 +11,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedge.server.flower_app_config import toml_value
 from fedge.shared import records
+from fedge.shared.config import toml_value
 from fedge.shared.processes import ProcessGroup, child_environment, flower_tool, free_port, spawn
 
 

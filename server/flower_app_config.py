@@ -11,18 +11,9 @@ file is current.
 
 from pathlib import Path
 
-from fedge.shared.config import RunConfig
+from fedge.shared.config import RunConfig, toml_value
 
 APP_DIR = Path(__file__).parent / "flower-app"
-
-
-def toml_value(value: object) -> str:
-    """A scalar as a TOML value (run config values are str, int, float or bool)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
 
 
 def render_app_pyproject(version: str) -> str:

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from fedge.server import events
-from fedge.server.flower_app_config import APP_DIR, toml_value
-from fedge.shared.config import RunConfig
+from fedge.server.flower_app_config import APP_DIR
+from fedge.shared.config import RunConfig, toml_value
 from fedge.shared.errors import ConnectionFailed, RunError
 from fedge.shared.processes import child_environment, flower_tool, port_open, split_address
 

@@ -154,6 +154,15 @@ class RunConfig:
         return tuple(c.strip() for c in self.features.split(",") if c.strip())
 
 
+def toml_value(value: object) -> str:
+    """A scalar as a TOML value (run config values are str, int, float or bool)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
 def _coerce(cls: Any, values: dict[str, Any], privacy: PrivacyConfig | None = None) -> Any:
     """Convert values to the dataclass's field types, with clear errors."""
     kwargs: dict[str, Any] = {}

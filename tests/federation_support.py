@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from fedge.server.local_federation import LocalFederation
+from fedge.demo.federation import LocalFederation
 from fedge.shared.checkpoint import save_checkpoint
 from fedge.shared.config import RunConfig
 from fedge.shared.models import build_model

@@ -6,7 +6,7 @@ import pytest
 from deploy_support import make_bundle, make_keys
 from rich.console import Console
 
-from fedge.edge.deploy_demo import DEVICE, deploy_demo
+from fedge.demo.deployment import DEVICE, deploy_demo
 from fedge.shared.processes import port_open
 from fedge.shared.tls import ensure_server_certificate
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from federation_support import initial_weights, local_federation
 
-from fedge.server.local_federation import LocalFederation
+from fedge.demo.federation import LocalFederation
 from fedge.shared.atomic import read_jsonl
 from fedge.shared.checkpoint import latest_checkpoint, load_checkpoint, load_model_from_checkpoint
 from fedge.shared.config import RunConfig

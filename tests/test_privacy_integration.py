@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from federation_support import initial_weights, local_federation
 
-from fedge.server.local_federation import LocalFederation
+from fedge.demo.federation import LocalFederation
 from fedge.shared.atomic import read_jsonl
 from fedge.shared.checkpoint import load_checkpoint
 from fedge.shared.config import PrivacyConfig, RunConfig

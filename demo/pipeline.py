@@ -149,7 +149,7 @@ def _federate(
     cfg: RunConfig, options: DemoOptions, group: ProcessGroup, console: Console
 ) -> tuple[dict[str, Any], Any]:
     """Steps 2-3: a secured federation on loopback, and the run; returns its TLS files."""
-    from fedge.server.local_federation import LocalFederation
+    from fedge.demo.federation import LocalFederation
     from fedge.server.progress import RunProgress, rounds_table
 
     mode = "TLS + enrolled sites" if options.privacy else "plaintext (--no-privacy)"
@@ -175,8 +175,8 @@ def _federate(
 
 def _edge(out: Path, run_dir: Path, tls: Any, console: Console) -> dict[str, Any]:
     """Step 4: export, validate, sign, bench and deploy the federated model."""
+    from fedge.demo.deployment import deploy_demo
     from fedge.edge.build.pipeline import ArtifactsFailed, export_bundle
-    from fedge.edge.deploy_demo import deploy_demo
     from fedge.edge.device.bench import bench_bundle, render_bench_table
     from fedge.shared.signing import generate_signing_key
 
