@@ -74,6 +74,7 @@ def demo_config(options: DemoOptions, init_weights: Path) -> RunConfig:
 
 def pretrain(out_path: Path, console: Console) -> float:
     """Train the demo model centrally on digits' public split; returns its test accuracy."""
+    import torch
     from rich.progress import Progress
 
     from fedge.shared.checkpoint import save_checkpoint
@@ -84,6 +85,7 @@ def pretrain(out_path: Path, console: Console) -> float:
     from fedge.shared.task_for_run import task_for_run
     from fedge.shared.training import evaluate, make_loader, train
 
+    torch.manual_seed(0)  # the same starting model on every run of the demo
     cfg = RunConfig(model=DEMO_MODEL)
     task = task_for_run(cfg)
     model = build_run_model(cfg, task)
