@@ -15,3 +15,17 @@ def isolated_homes(
     monkeypatch.setenv("FEDGE_HOME", str(home / "fedge"))
     monkeypatch.setenv("FLWR_HOME", str(home / "flwr"))
     yield home
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models: one thread beats two that fight other processes on a shared box.
+
+    Used by the torch-heavy unit test modules (``pytestmark``), restored after each.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

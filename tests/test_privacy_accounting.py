@@ -1,11 +1,9 @@
 """The epsilon fedge reports matches an independent RDP computation; budgets are enforced."""
 
 import math
-from collections.abc import Iterator
 
 import dp_accounting
 import pytest
-import torch
 
 from fedge.client.dp_sgd import DpRound, check_budget, dp_round, site_epsilon
 from fedge.client.site import Site
@@ -26,13 +24,7 @@ from fedge.shared.training import make_loader
 RECORD_LEVEL_RTOL = 2e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models: one thread beats two that fight other processes on a shared box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:

@@ -1,7 +1,6 @@
 """ServerRun and RecordingStrategy driven directly, without Flower processes."""
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +28,7 @@ from fedge.shared.checkpoint import FINAL_MODEL, load_checkpoint, round_path
 from fedge.shared.config import RunConfig
 from fedge.shared.errors import RunError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models: one thread beats two that fight other processes on a shared box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

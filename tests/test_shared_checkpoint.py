@@ -1,6 +1,5 @@
 """Checkpoints: round trip, atomic writes, finding the latest, refusing foreign files."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +23,7 @@ from fedge.shared.model_setup import build_run_model
 from fedge.shared.task_for_run import task_for_run
 from fedge.shared.training import predict_logits
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models: one thread beats two that fight other processes on a shared box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(cfg: RunConfig) -> nn.Module:

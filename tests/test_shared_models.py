@@ -1,7 +1,6 @@
 """Built-in models, fine-tuning modes, exchanged keys and loading initial weights."""
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,7 @@ from fedge.shared.weights import load_init_weights, read_state_dict
 SMALL = {"cnn": 8, "mlp": 8, "mobilenet_v3_small": 32, "resnet18": 32, "resnet50": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models: one thread beats two that fight other processes on a shared box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _task(model: str) -> TaskSpec:

@@ -1,7 +1,6 @@
 """Local training and evaluation, FedProx's proximal term, device choice, and one site's round."""
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -21,13 +20,7 @@ from fedge.shared.training import evaluate, make_loader, predict_logits, train
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models: one thread beats two that fight other processes on a shared box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
