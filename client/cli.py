@@ -1,6 +1,5 @@
 """``fedge client ...``: enroll this site and serve its data to the federation."""
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -102,13 +101,9 @@ def start(
     atomic_write_text(folder / "supernode.pid", f"{proc.pid}\n")
     console.print(f"site {name} joined {server} (pid {proc.pid}); data {data}; log {spec.log_path}")
     if foreground:
-        try:
-            while proc.poll() is None:
-                time.sleep(1)
-        finally:
-            from fedge.shared.processes import stop_process
+        from fedge.shared.processes import stay_attached
 
-            stop_process(proc)
+        stay_attached(proc)
 
 
 @app.command()

@@ -1,6 +1,5 @@
 """``fedge server ...``: run the coordinator and manage which sites may join."""
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -107,23 +106,15 @@ def start(
         )
     console.print("Submit runs with: fedge run --config run.toml")
     if foreground:
-        _wait_foreground(proc)
+        from fedge.shared.processes import stay_attached
+
+        stay_attached(proc)
 
 
 def _public(host: str) -> str:
     import socket
 
     return socket.gethostname() if host in ("0.0.0.0", "::") else host
-
-
-def _wait_foreground(proc: "object") -> None:
-    from fedge.shared.processes import stop_process
-
-    try:
-        while proc.poll() is None:  # type: ignore[attr-defined]
-            time.sleep(1)
-    except KeyboardInterrupt:
-        stop_process(proc)  # type: ignore[arg-type]
 
 
 @app.command()

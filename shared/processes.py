@@ -153,6 +153,20 @@ def is_running(proc: subprocess.Popen[bytes] | int) -> bool:
     return state != "Z"
 
 
+def stay_attached(proc: subprocess.Popen[bytes]) -> None:
+    """Block while ``proc`` runs (``--foreground``); stop it and its children on the way out.
+
+    SIGTERM (``docker stop``, systemd) ends the wait like Ctrl-C does.
+    """
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        while proc.poll() is None:
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        stop_process(proc)
+
+
 def wait_until(
     check: Callable[[], bool],
     timeout: float,
