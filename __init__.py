@@ -2,7 +2,7 @@
 
 The repository root is this package. Data flows server -> client -> edge:
 ``fedge.server`` coordinates runs, ``fedge.client`` trains on a site's data,
-``fedge.edge.build`` turns the global model into verified artifacts and
+``fedge.edge.export`` turns the global model into verified artifacts and
 ``fedge.edge.device`` runs them on a device without torch. ``fedge.shared`` is
 what all of them use.
 """

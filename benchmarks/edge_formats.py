@@ -2,7 +2,7 @@
 
 For torchvision ResNet-18 and MobileNetV3-small (random init, 3xSxS inputs,
 S=224 by default) and the demo model (the small CNN trained a few epochs on the
-built-in digits), it exports a signed bundle with ``fedge.edge.build`` (ONNX
+built-in digits), it exports a signed bundle with ``fedge.edge.export`` (ONNX
 fp32 / int8 dynamic / int8 static, TFLite fp32 / int8) and measures, in one run:
 
 * size ratio int8 / fp32 of every int8 artifact (target <= 0.30);
@@ -37,13 +37,12 @@ def build_model(name: str, size: int, epochs: int) -> tuple[Any, Any, Any, Any]:
     """(model, task, eval set, calibration set) for ``name`` on digits at ``size``."""
     import torch
 
-    from fedge.edge.build.calibration import PreparedData, load_prepared
+    from fedge.edge.export.calibration import PreparedData, load_prepared
     from fedge.shared.config import RunConfig
-    from fedge.shared.data import load_data
-    from fedge.shared.model_setup import build_run_model
+    from fedge.shared.ml.data import load_data, task_for_run
+    from fedge.shared.ml.models import build_run_model
+    from fedge.shared.ml.training import make_loader, train
     from fedge.shared.preprocess import prepare
-    from fedge.shared.task_for_run import task_for_run
-    from fedge.shared.training import make_loader, train
 
     torch.manual_seed(0)
     cfg = RunConfig(model=name, image_size=0 if name == "cnn" else size)
@@ -62,7 +61,7 @@ def build_model(name: str, size: int, epochs: int) -> tuple[Any, Any, Any, Any]:
 
 def export(name: str, size: int, epochs: int, work: Path, key: Any) -> Any:
     """A signed bundle of every format and quantization for ``name``; its report."""
-    from fedge.edge.build.pipeline import export_model
+    from fedge.edge.export.pipeline import export_model
 
     model, task, evaluation, calibration = build_model(name, size, epochs)
     started = time.perf_counter()

@@ -9,7 +9,7 @@ Measures, for one bundle artifact:
   reports the new version active, and the same for ``registry rollback``.
 
 By default it trains a small CNN on the built-in digits for a few epochs and
-exports it with ``fedge.edge.build`` (ONNX fp32 + dynamic int8; the runtime
+exports it with ``fedge.edge.export`` (ONNX fp32 + dynamic int8; the runtime
 picks the smallest validated artifact, as on a device). ``--synthetic`` uses a
 one-layer ONNX model instead (pure serving overhead, no torch needed).
 
@@ -38,14 +38,13 @@ def digits_bundles(work: Path, private: Path) -> tuple[list[Path], np.ndarray]:
     """Train a small CNN on digits briefly, export two signed bundle versions of it."""
     import torch
 
-    from fedge.edge.build.pipeline import export_bundle
-    from fedge.shared.checkpoint import save_checkpoint
+    from fedge.edge.export.pipeline import export_bundle
     from fedge.shared.config import load_run_config
-    from fedge.shared.data import load_data
-    from fedge.shared.models import build_model
+    from fedge.shared.ml.checkpoint import save_checkpoint
+    from fedge.shared.ml.data import load_data, task_for_run
+    from fedge.shared.ml.models import build_model
+    from fedge.shared.ml.training import make_loader, train
     from fedge.shared.preprocess import prepare
-    from fedge.shared.task_for_run import task_for_run
-    from fedge.shared.training import make_loader, train
 
     torch.manual_seed(0)
     cfg = load_run_config(None, task="digits", model="cnn")
@@ -141,7 +140,7 @@ def http_serving(bundle: Path, key: Path, examples: np.ndarray, requests: int, w
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "fedge.edge.device.deploy_cli", "serve", str(bundle),
+    command = [sys.executable, "-m", "fedge", "edge", "serve", str(bundle),
                "--port", str(port), "--key", str(key)]  # fmt: skip
     with ProcessGroup() as group:
         proc = group.start("serve", command, work / "serve.log")
@@ -165,7 +164,7 @@ def rollout(bundles: list[Path], key: Path, agents: int, interval: float, work: 
     from fedge.server.registry.store import Registry
     from fedge.shared.processes import ProcessGroup, free_port, port_open, wait_until
 
-    edge_module = "fedge.edge.device.deploy_cli"
+    edge_module = "fedge"
     data = work / "registry"
     registry = Registry(data)
     v1, _ = publish_bundle(registry, bundles[0], key, "stable")
@@ -190,7 +189,7 @@ def rollout(bundles: list[Path], key: Path, agents: int, interval: float, work: 
         for i in range(agents):
             token = work / f"agent-{i}.token"
             token.write_text(DeviceStore(data).add(f"bench-{i}"))
-            command = [sys.executable, "-m", edge_module, "agent", "--server", url,
+            command = [sys.executable, "-m", edge_module, "edge", "agent", "--server", url,
                        "--dir", str(work / f"device-{i}"), "--token-file", str(token),
                        "--key", str(key), "--interval", str(interval)]  # fmt: skip
             group.start(f"agent-{i}", command, work / f"agent-{i}.log")

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedge.demo.federation import LocalFederation
+from fedge.demo.loopback import LocalFederation
 from fedge.shared.atomic import read_jsonl
 from fedge.shared.config import RunConfig
 from fedge.shared.processes import ProcessGroup

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from fedge.demo.federation import LocalFederation
+from fedge.demo.loopback import LocalFederation
 from fedge.demo.pipeline import pretrain
 from fedge.server.privacy import site_level_epsilon
 from fedge.shared.config import PrivacyConfig, RunConfig

@@ -1,9 +1,9 @@
 """The ``fedge`` command: parses arguments, calls the library, renders the result.
 
-Each command group lives beside the code it drives (``fedge.server.cli``,
-``fedge.client.cli``, ``fedge.edge.build.cli``, ``fedge.edge.device.cli``, ...);
-heavy imports (torch, flwr) happen inside the commands that need them, so that
-``fedge edge ...`` runs on a device that has neither. Only this layer turns a
+One module per command group (``server``, ``client``, ``run``, ``demo``, ``export``,
+``edge`` + ``deploy``, ``registry``), each a thin layer over the library function it
+calls. Heavy imports (torch, flwr) happen inside the commands that need them, so that
+``fedge edge ...`` runs on a device that has neither. Only ``main`` here turns a
 ``FedgeError`` into a one-line message and a non-zero exit code.
 """
 
@@ -25,14 +25,14 @@ app = typer.Typer(
 
 def _register() -> None:
     """Attach every command group; each module keeps its heavy imports inside commands."""
-    from fedge.client.cli import app as client_app
-    from fedge.demo.pipeline import demo
-    from fedge.edge.build.cli import export, keys_app
-    from fedge.edge.device.cli import app as edge_app
-    from fedge.edge.device.deploy_cli import register as register_deploy_commands
-    from fedge.server.cli import app as server_app
-    from fedge.server.registry_cli import fleet_app, registry_app
-    from fedge.server.run_cli import run
+    from fedge.cli.client import app as client_app
+    from fedge.cli.demo import demo
+    from fedge.cli.deploy import register as register_deploy_commands
+    from fedge.cli.edge import app as edge_app
+    from fedge.cli.export import export, keys_app
+    from fedge.cli.registry import fleet_app, registry_app
+    from fedge.cli.run import run
+    from fedge.cli.server import app as server_app
 
     app.add_typer(server_app, name="server")
     app.add_typer(client_app, name="client")

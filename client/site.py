@@ -14,13 +14,11 @@ import torch
 
 from fedge.shared import records
 from fedge.shared.config import RunConfig
-from fedge.shared.data import RawData, load_data
-from fedge.shared.device import select_device
-from fedge.shared.model_setup import build_run_model
-from fedge.shared.models import exchanged_keys
+from fedge.shared.ml.data import RawData, load_data, task_for_run
+from fedge.shared.ml.device import select_device
+from fedge.shared.ml.models import build_run_model, exchanged_keys
+from fedge.shared.ml.training import Metrics, evaluate, make_loader, train
 from fedge.shared.preprocess import prepare
-from fedge.shared.task_for_run import task_for_run
-from fedge.shared.training import Metrics, evaluate, make_loader, train
 
 log = logging.getLogger(__name__)
 LOCAL_EVAL_FRACTION = 0.15

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from fedge.shared.data import DataSpec
 from fedge.shared.errors import ConnectionFailed, DataError
+from fedge.shared.ml.data import DataSpec
 from fedge.shared.processes import port_open, split_address
 
 
@@ -20,8 +20,7 @@ def check_data(data: str, config: Path | None) -> None:
         raise DataError(f"data path {spec.source} does not exist")
     if config is not None:
         from fedge.shared.config import load_run_config
-        from fedge.shared.data import load_data
-        from fedge.shared.task_for_run import task_for_run
+        from fedge.shared.ml.data import load_data, task_for_run
 
         cfg = load_run_config(config)
         load_data(spec, task_for_run(cfg), label_column=cfg.label_column)

@@ -24,7 +24,7 @@ def _preimport() -> None:
     """Import what every ClientApp of fedge needs, before any fork."""
     import fedge.client.app
     import fedge.client.site
-    import fedge.shared.partition  # noqa: F401
+    import fedge.shared.ml.partition  # noqa: F401
 
     with contextlib.suppress(ImportError):
         import datasets  # noqa: F401  (flwr-datasets' partitioners)

@@ -20,14 +20,11 @@ if TYPE_CHECKING:
     from fedge.shared.tls import TLSFiles
 
 DEVICE = "demo-edge-1"
-# Module entry points equal to `fedge registry ...` / `fedge edge ...`; they import only what
-# the command needs, which keeps start-up short on a small machine.
-REGISTRY_MODULE = "fedge.server.registry_cli"
-EDGE_MODULE = "fedge.edge.device.deploy_cli"
 
 
 def _edge_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", EDGE_MODULE, *args]
+    """``fedge edge ARGS`` with this interpreter (the demo's venv, even if not on PATH)."""
+    return [sys.executable, "-m", "fedge", "edge", *args]
 
 
 def _enroll(registry_dir: Path, token_file: Path) -> None:
@@ -108,11 +105,11 @@ def deploy_demo(
     ConnectionFailed, RunError
         A process did not start or the device did not activate the version in time.
     """
+    from fedge.cli.registry import fleet_table
     from fedge.server.registry.api import registry_command
     from fedge.server.registry.fleet import device_view, fleet
     from fedge.server.registry.publish import publish_bundle
     from fedge.server.registry.store import Registry
-    from fedge.server.registry_cli import fleet_table
     from fedge.shared.processes import ProcessGroup, free_port, port_open, wait_until
 
     start = time.monotonic()

@@ -16,9 +16,8 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from rich.console import Console
 
 from fedge.shared.atomic import atomic_write_json
@@ -77,13 +76,12 @@ def pretrain(out_path: Path, console: Console) -> float:
     import torch
     from rich.progress import Progress
 
-    from fedge.shared.checkpoint import save_checkpoint
-    from fedge.shared.data import load_data
-    from fedge.shared.device import select_device
-    from fedge.shared.model_setup import build_run_model
+    from fedge.shared.ml.checkpoint import save_checkpoint
+    from fedge.shared.ml.data import load_data, task_for_run
+    from fedge.shared.ml.device import select_device
+    from fedge.shared.ml.models import build_run_model
+    from fedge.shared.ml.training import evaluate, make_loader, train
     from fedge.shared.preprocess import prepare
-    from fedge.shared.task_for_run import task_for_run
-    from fedge.shared.training import evaluate, make_loader, train
 
     torch.manual_seed(0)  # the same starting model on every run of the demo
     cfg = RunConfig(model=DEMO_MODEL)
@@ -151,7 +149,7 @@ def _federate(
     cfg: RunConfig, options: DemoOptions, group: ProcessGroup, console: Console
 ) -> tuple[dict[str, Any], Any]:
     """Steps 2-3: a secured federation on loopback, and the run; returns its TLS files."""
-    from fedge.demo.federation import LocalFederation
+    from fedge.demo.loopback import LocalFederation
     from fedge.server.progress import RunProgress, rounds_table
 
     mode = "TLS + enrolled sites" if options.privacy else "plaintext (--no-privacy)"
@@ -178,8 +176,8 @@ def _federate(
 def _edge(out: Path, run_dir: Path, tls: Any, console: Console) -> dict[str, Any]:
     """Step 4: export, validate, sign, bench and deploy the federated model."""
     from fedge.demo.deployment import deploy_demo
-    from fedge.edge.build.pipeline import ArtifactsFailed, export_bundle
     from fedge.edge.device.bench import bench_bundle, render_bench_table
+    from fedge.edge.export.pipeline import ArtifactsFailed, export_bundle
     from fedge.shared.signing import generate_signing_key
 
     console.rule("[bold]4. export, quantize, validate and sign the global model")
@@ -204,28 +202,3 @@ def _edge(out: Path, run_dir: Path, tls: Any, console: Console) -> dict[str, Any
         "skipped_artifacts": report.skipped,
         "deployment": deployment,
     }
-
-
-def demo(
-    out: Annotated[Path, typer.Option(help="Work folder for everything the demo writes.")] = Path(
-        "fedge-demo"
-    ),
-    clients: Annotated[int, typer.Option(help="Number of sites (SuperNodes).")] = 3,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
-    no_privacy: Annotated[
-        bool, typer.Option("--no-privacy", help="Plain path: no TLS, SecAgg+ or DP.")
-    ] = False,
-) -> None:
-    """Run the whole pipeline on this machine: pretrain, federate privately, export, deploy.
-
-    Example: fedge demo --clients 3 --rounds 3
-    """
-    if clients < 2:
-        raise ConfigError("the demo needs at least 2 clients")
-    if rounds < 1:
-        raise ConfigError("the demo needs at least 1 round")
-    import sys
-
-    # Wide enough for the tables when the output goes to a file or a CI log.
-    console = Console(width=None if sys.stdout.isatty() else 120)
-    run_demo(DemoOptions(out, clients, rounds, not no_privacy), console)

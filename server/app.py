@@ -14,8 +14,8 @@ from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from fedge.server import events
-from fedge.server.federation import ServerRun
 from fedge.server.recorder import RecordingStrategy
+from fedge.server.run_state import ServerRun
 from fedge.server.strategies import build_strategy
 from fedge.shared import records
 from fedge.shared.config import RunConfig

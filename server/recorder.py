@@ -22,7 +22,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from fedge.server.federation import ServerRun
+from fedge.server.run_state import ServerRun
 
 log = logging.getLogger(__name__)
 

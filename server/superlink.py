@@ -10,7 +10,6 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedge.server.federation import ENV_AUTH, ENV_TLS
 from fedge.shared.atomic import atomic_write_text
 from fedge.shared.errors import ConfigError
 from fedge.shared.processes import (
@@ -29,6 +28,10 @@ log = logging.getLogger(__name__)
 PID_FILE = "superlink.pid"
 LOG_FILE = "superlink.log"
 DEFAULT_PORT = 9092
+# Environment the SuperLink is started with, inherited by the ServerApp process: only the
+# SuperLink knows whether it runs with TLS and SuperNode authentication (privacy record).
+ENV_TLS = "FEDGE_SUPERLINK_TLS"
+ENV_AUTH = "FEDGE_SUPERLINK_AUTH"
 
 
 @dataclass(frozen=True)

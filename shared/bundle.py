@@ -38,9 +38,12 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 MODEL_CARD = "model_card.json"
 ARTIFACTS_DIR = "artifacts"
+# The artifact formats a bundle may carry, and the device runtime runs.
+ARTIFACT_FORMATS = ("onnx", "tflite")
 
 __all__ = [
     "ARTIFACTS_DIR",
+    "ARTIFACT_FORMATS",
     "DEFAULT_ATOL",
     "FORMAT",
     "MANIFEST",

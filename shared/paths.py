@@ -19,6 +19,11 @@ def signing_key_path() -> Path:
     return fedge_home() / "keys" / "signing.key"
 
 
+def trusted_key_path() -> Path:
+    """Default public key a device trusts and the registry checks: ``signing.pub``."""
+    return signing_key_path().with_suffix(".pub")
+
+
 def site_dir(name: str) -> Path:
     """A site's enrollment folder: its private key, public key, the server's CA."""
     return fedge_home() / "sites" / name

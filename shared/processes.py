@@ -153,8 +153,11 @@ def is_running(proc: subprocess.Popen[bytes] | int) -> bool:
     return state != "Z"
 
 
-def stay_attached(proc: subprocess.Popen[bytes]) -> None:
-    """Block while ``proc`` runs (``--foreground``); stop it and its children on the way out.
+def stay_attached(
+    proc: subprocess.Popen[bytes], *companions: subprocess.Popen[bytes]
+) -> None:
+    """Block while ``proc`` runs (``--foreground``); stop it, its companions and their
+    children on the way out.
 
     SIGTERM (``docker stop``, systemd) ends the wait like Ctrl-C does.
     """
@@ -164,6 +167,8 @@ def stay_attached(proc: subprocess.Popen[bytes]) -> None:
             time.sleep(1)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for companion in companions:
+            stop_process(companion)
         stop_process(proc)
 
 

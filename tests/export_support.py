@@ -13,13 +13,12 @@ import numpy as np
 import torch
 
 from fedge.shared import signing
-from fedge.shared.checkpoint import save_checkpoint
 from fedge.shared.config import RunConfig
-from fedge.shared.data import load_data
-from fedge.shared.model_setup import build_run_model
+from fedge.shared.ml.checkpoint import save_checkpoint
+from fedge.shared.ml.data import load_data, task_for_run
+from fedge.shared.ml.models import build_run_model
+from fedge.shared.ml.training import make_loader, train
 from fedge.shared.preprocess import prepare
-from fedge.shared.task_for_run import task_for_run
-from fedge.shared.training import make_loader, train
 
 PRIVACY = {
     "tls": True,

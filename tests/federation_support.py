@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from fedge.demo.federation import LocalFederation
-from fedge.shared.checkpoint import save_checkpoint
+from fedge.demo.loopback import LocalFederation
 from fedge.shared.config import RunConfig
-from fedge.shared.models import build_model
+from fedge.shared.ml.checkpoint import save_checkpoint
+from fedge.shared.ml.data import task_for_run
+from fedge.shared.ml.models import build_model
 from fedge.shared.processes import ProcessGroup
-from fedge.shared.task_for_run import task_for_run
 
 
 @contextmanager

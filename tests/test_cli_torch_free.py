@@ -7,6 +7,7 @@ nothing an edge device lacks, and that ``fedge edge predict`` works there.
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -41,3 +42,20 @@ def test_root_cli_edge_predict_needs_no_torch_or_flwr(tmp_path: Path) -> None:
     assert json.loads(lines[-1])["loaded"] == []
     predictions = json.loads("\n".join(lines[:-1]))["predictions"]
     assert [p["input"] for p in predictions] == ["digit.png"]
+
+
+def test_server_start_and_stop_import_no_torch(tmp_path: Path) -> None:
+    """`fedge server start` must not pay for torch: the coordinator is SuperLink + registry."""
+    code = textwrap.dedent(
+        """
+        import json, sys
+        import fedge.server.superlink, fedge.server.coordinator, fedge.server.registry.api
+        from fedge.cli import _register
+        _register()
+        from fedge.cli.server import start, stop
+        print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "sklearn"))))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []

@@ -7,7 +7,7 @@ import typer
 from deploy_support import make_keys
 from typer.testing import CliRunner
 
-from fedge.edge.device.deploy_cli import read_token, register
+from fedge.cli.deploy import read_token, register
 from fedge.server.registry.api import resolve_tls
 from fedge.shared.errors import ConfigError, ConnectionFailed, SecurityError
 from fedge.shared.processes import free_port

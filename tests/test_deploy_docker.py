@@ -106,8 +106,8 @@ def _root_cli() -> click.Group | str:
 @functools.cache
 def _deploy_cli() -> click.Group:
     """The commands this area owns, assembled without the root CLI."""
-    from fedge.edge.device.deploy_cli import register
-    from fedge.server.registry_cli import fleet_app, registry_app
+    from fedge.cli.deploy import register
+    from fedge.cli.registry import fleet_app, registry_app
 
     app, edge = typer.Typer(), typer.Typer()
     register(edge)
@@ -122,7 +122,7 @@ def _check(group: click.Command, words: list[str]) -> None:
     while isinstance(command, click.Group) and rest and not rest[0].startswith("-"):
         name = rest.pop(0)
         assert name in command.commands, f"`fedge {' '.join(words)}`: no command {name!r}" + (
-            " (wire it: fedge.edge.device.deploy_cli.register(edge_app))"
+            " (wire it: fedge.cli.deploy.register(edge_app))"
             if name in ("agent", "serve")
             else ""
         )

@@ -9,11 +9,11 @@ import pytest
 from deploy_support import make_bundle, make_keys, tamper_artifact
 from typer.testing import CliRunner
 
+from fedge.cli.registry import fleet_app, registry_app
 from fedge.server.registry.devices import DeviceRevoked, DeviceStore, DeviceUnknown, StatusReport
 from fedge.server.registry.fleet import device_view, fleet
 from fedge.server.registry.publish import publish_bundle
 from fedge.server.registry.store import Registry
-from fedge.server.registry_cli import fleet_app, registry_app
 from fedge.shared.bundle import pack_bundle
 from fedge.shared.errors import BundleError, RegistryError
 
@@ -172,7 +172,7 @@ def test_device_tokens_are_hashed_and_revocable(tmp_path: Path) -> None:
 
 def test_cli_round_trip(tmp_path: Path, keys) -> None:
     private, public = keys
-    data = str(tmp_path / "registry")
+    data = str(tmp_path)  # the server's data dir; the registry is its registry/ subfolder
     runner = CliRunner()
     b1 = make_bundle(tmp_path / "b1", private, "v1", seed=1)
     b2 = make_bundle(tmp_path / "b2", private, "v2", seed=2)
@@ -184,6 +184,7 @@ def test_cli_round_trip(tmp_path: Path, keys) -> None:
 
     run(registry_app, "publish", str(b1), "--channel", "stable", "--key", str(public))
     run(registry_app, "publish", str(b2), "--channel", "canary", "--key", str(public))
+    assert (tmp_path / "registry" / "registry.sqlite").is_file()
     assert "v2" in run(registry_app, "list")
     run(registry_app, "promote", "v2", "--channel", "stable")
     assert "v2 -> v1" in run(registry_app, "rollback", "--channel", "stable")

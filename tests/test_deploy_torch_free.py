@@ -32,7 +32,7 @@ CODE = textwrap.dedent(
     from pathlib import Path
     from starlette.testclient import TestClient
     from typer.testing import CliRunner
-    from fedge.edge.device.deploy_cli import register
+    from fedge.cli.deploy import register
     from fedge.edge.device.serve import ServeConfig, create_app
 
     server, device_dir, token_file, key, ca = sys.argv[1:6]

@@ -18,8 +18,8 @@ from edge_device_support import (
 from PIL import Image
 from typer.testing import CliRunner
 
+from fedge.cli.edge import app
 from fedge.edge.device.bench import bench_bundle, render_bench_table
-from fedge.edge.device.cli import app
 from fedge.edge.device.inputs import load_inputs
 from fedge.edge.device.runtime import EdgeModel, select_artifact
 from fedge.shared.bundle import read_manifest

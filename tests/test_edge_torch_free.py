@@ -36,7 +36,7 @@ CHECK = textwrap.dedent(
     import json, pkgutil, importlib
     import fedge.edge.device as device
     from typer.testing import CliRunner
-    from fedge.edge.device.cli import app
+    from fedge.cli.edge import app
     from fedge.edge.device.runtime import EdgeModel
 
     for info in pkgutil.iter_modules(device.__path__):

@@ -8,8 +8,8 @@ import typer
 from export_support import make_run
 from typer.testing import CliRunner
 
-from fedge.edge.build.cli import export, keys_app
-from fedge.edge.build.pipeline import ArtifactsFailed
+from fedge.cli.export import export, keys_app
+from fedge.edge.export.pipeline import ArtifactsFailed
 from fedge.shared import bundle, signing
 from fedge.shared.errors import SecurityError
 

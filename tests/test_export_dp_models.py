@@ -6,9 +6,9 @@ import pytest
 from export_support import make_key, make_run
 from torch import nn
 
-from fedge.edge.build.pipeline import export_bundle
+from fedge.edge.export.pipeline import export_bundle
 from fedge.shared import bundle
-from fedge.shared.checkpoint import load_checkpoint, load_model_from_checkpoint
+from fedge.shared.ml.checkpoint import load_checkpoint, load_model_from_checkpoint
 
 
 @pytest.mark.slow

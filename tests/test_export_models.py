@@ -8,12 +8,12 @@ import torch
 from export_support import eval_inputs, make_key, make_run
 from torch import nn
 
-from fedge.edge.build.calibration import PreparedData
-from fedge.edge.build.onnx_export import export_onnx
-from fedge.edge.build.pipeline import export_bundle, export_model
-from fedge.edge.build.validate import onnx_predictor, predictor_for, reference_logits
+from fedge.edge.export.calibration import PreparedData
+from fedge.edge.export.onnx_export import export_onnx
+from fedge.edge.export.pipeline import export_bundle, export_model
+from fedge.edge.export.validate import onnx_predictor, predictor_for, reference_logits
 from fedge.shared import bundle, signing
-from fedge.shared.checkpoint import load_checkpoint, load_model_from_checkpoint
+from fedge.shared.ml.checkpoint import load_checkpoint, load_model_from_checkpoint
 from fedge.shared.tasks import TabularPreprocessing, TaskSpec
 
 ALL = [

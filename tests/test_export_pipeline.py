@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from export_support import PRIVACY, eval_inputs, make_key, make_run
 
-from fedge.edge.build import pipeline
-from fedge.edge.build.calibration import CalibrationReader, load_prepared
-from fedge.edge.build.onnx_export import read_metadata
-from fedge.edge.build.pipeline import ArtifactsFailed, export_bundle
-from fedge.edge.build.quantize import quantize_onnx_static
-from fedge.edge.build.validate import onnx_predictor, predictor_for, reference_logits
+from fedge.edge.export import pipeline
+from fedge.edge.export.calibration import CalibrationReader, load_prepared
+from fedge.edge.export.onnx_export import read_metadata
+from fedge.edge.export.pipeline import ArtifactsFailed, export_bundle
+from fedge.edge.export.quantize import quantize_onnx_static
+from fedge.edge.export.validate import onnx_predictor, predictor_for, reference_logits
 from fedge.shared import bundle, signing
-from fedge.shared.checkpoint import load_checkpoint, load_model_from_checkpoint
 from fedge.shared.errors import ConfigError, ExportError, SecurityError
+from fedge.shared.ml.checkpoint import load_checkpoint, load_model_from_checkpoint
 
 ALL = {
     "model-fp32.onnx", "model-int8-dynamic.onnx", "model-int8-static.onnx",
@@ -220,9 +220,9 @@ def test_failing_artifact_is_left_out_and_named(
     cnn_run: Path, keys: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A broken quantizer (an untrained model's weights) fails validation; fp32 is still shipped."""
-    import fedge.edge.build.quantize as quantize
-    from fedge.edge.build.onnx_export import export_onnx
-    from fedge.shared.models import build_model
+    import fedge.edge.export.quantize as quantize
+    from fedge.edge.export.onnx_export import export_onnx
+    from fedge.shared.ml.models import build_model
 
     def broken(model_in: Path, model_out: Path) -> Path:
         task = load_checkpoint(cnn_run / "model.safetensors").task

@@ -7,14 +7,17 @@ from typing import Any
 import pytest
 from federation_support import initial_weights, local_federation
 
-from fedge.demo.federation import LocalFederation
+from fedge.demo.loopback import LocalFederation
 from fedge.shared.atomic import read_jsonl
-from fedge.shared.checkpoint import latest_checkpoint, load_checkpoint, load_model_from_checkpoint
 from fedge.shared.config import RunConfig
 from fedge.shared.errors import RunError
-from fedge.shared.model_setup import build_run_model
-from fedge.shared.models import exchanged_keys
-from fedge.shared.task_for_run import task_for_run
+from fedge.shared.ml.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_from_checkpoint,
+)
+from fedge.shared.ml.data import task_for_run
+from fedge.shared.ml.models import build_run_model, exchanged_keys
 
 pytestmark = pytest.mark.slow
 SITES = ["digits#0/2", "digits#1/2"]

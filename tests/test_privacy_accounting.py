@@ -11,7 +11,7 @@ from fedge.server.privacy import privacy_record, site_level_epsilon
 from fedge.shared import records
 from fedge.shared.config import PrivacyConfig, RunConfig
 from fedge.shared.errors import RunError
-from fedge.shared.training import make_loader
+from fedge.shared.ml.training import make_loader
 
 # Opacus (record level) and dp-accounting (the reference) both compute the RDP of the
 # Poisson-subsampled Gaussian, but over different grids of orders (and dp-accounting

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from federation_support import initial_weights, local_federation
 
-from fedge.demo.federation import LocalFederation
+from fedge.demo.loopback import LocalFederation
 from fedge.shared.atomic import read_jsonl
-from fedge.shared.checkpoint import load_checkpoint
 from fedge.shared.config import PrivacyConfig, RunConfig
+from fedge.shared.ml.checkpoint import load_checkpoint
 from fedge.shared.processes import stop_process
 
 pytestmark = pytest.mark.slow

@@ -19,14 +19,14 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from fedge.server.federation import METRICS_FILE, RUN_CONFIG_FILE, SUMMARY_FILE, ServerRun
 from fedge.server.privacy import site_level_epsilon
 from fedge.server.recorder import RecordingStrategy
+from fedge.server.run_state import METRICS_FILE, RUN_CONFIG_FILE, SUMMARY_FILE, ServerRun
 from fedge.shared import records
 from fedge.shared.atomic import read_jsonl
-from fedge.shared.checkpoint import FINAL_MODEL, load_checkpoint, round_path
 from fedge.shared.config import RunConfig
 from fedge.shared.errors import RunError
+from fedge.shared.ml.checkpoint import FINAL_MODEL, load_checkpoint, round_path
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

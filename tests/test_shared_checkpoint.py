@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from fedge.shared.atomic import append_jsonl, atomic_write_json, read_jsonl
-from fedge.shared.checkpoint import (
+from fedge.shared.config import RunConfig
+from fedge.shared.errors import ModelError
+from fedge.shared.ml.checkpoint import (
     FINAL_MODEL,
     latest_checkpoint,
     load_checkpoint,
@@ -17,11 +19,9 @@ from fedge.shared.checkpoint import (
     round_path,
     save_checkpoint,
 )
-from fedge.shared.config import RunConfig
-from fedge.shared.errors import ModelError
-from fedge.shared.model_setup import build_run_model
-from fedge.shared.task_for_run import task_for_run
-from fedge.shared.training import predict_logits
+from fedge.shared.ml.data import task_for_run
+from fedge.shared.ml.models import build_run_model
+from fedge.shared.ml.training import predict_logits
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,17 +7,17 @@ import pytest
 from PIL import Image
 
 from fedge.shared.config import RunConfig
-from fedge.shared.data import (
+from fedge.shared.errors import DataError
+from fedge.shared.ml.data import (
     SPLIT_FRACTIONS,
     DataSpec,
     builtin_split_indices,
     load_builtin,
     load_data,
+    task_for_run,
 )
-from fedge.shared.errors import DataError
-from fedge.shared.partition import dirichlet_partition
+from fedge.shared.ml.partition import dirichlet_partition
 from fedge.shared.preprocess import prepare
-from fedge.shared.task_for_run import task_for_run
 from fedge.shared.tasks import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -9,12 +9,17 @@ from torch import nn
 
 from fedge.shared.config import RunConfig
 from fedge.shared.errors import ConfigError, ModelError
+from fedge.shared.ml.data import task_for_run
+from fedge.shared.ml.models import (
+    HEAD_PATH,
+    build_model,
+    build_run_model,
+    exchanged_keys,
+    freeze_for_mode,
+)
+from fedge.shared.ml.weights import load_init_weights, read_state_dict
 from fedge.shared.model_names import ALL_MODELS
-from fedge.shared.model_setup import build_run_model
-from fedge.shared.models import HEAD_PATH, build_model, exchanged_keys, freeze_for_mode
-from fedge.shared.task_for_run import task_for_run
 from fedge.shared.tasks import TabularPreprocessing, TaskSpec
-from fedge.shared.weights import load_init_weights, read_state_dict
 
 # Small inputs keep the torchvision backbones cheap: 32x32 is their smallest size.
 SMALL = {"cnn": 8, "mlp": 8, "mobilenet_v3_small": 32, "resnet18": 32, "resnet50": 32}

@@ -10,12 +10,11 @@ from torch import nn
 from fedge.client.site import Site, split_local
 from fedge.shared import records
 from fedge.shared.config import RunConfig
-from fedge.shared.data import RawData, load_data
-from fedge.shared.device import select_device
-from fedge.shared.models import build_model
+from fedge.shared.ml.data import RawData, load_data, task_for_run
+from fedge.shared.ml.device import select_device
+from fedge.shared.ml.models import build_model
+from fedge.shared.ml.training import evaluate, make_loader, predict_logits, train
 from fedge.shared.preprocess import prepare
-from fedge.shared.task_for_run import task_for_run
-from fedge.shared.training import evaluate, make_loader, predict_logits, train
 
 CPU = torch.device("cpu")
 
@@ -169,7 +168,7 @@ def test_site_fit_and_evaluate(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_head_mode_keeps_the_frozen_backbone_batchnorm_statistics() -> None:
     """Head mode freezes the whole backbone, its BatchNorm running statistics included."""
-    from fedge.shared.models import build_model, freeze_for_mode
+    from fedge.shared.ml.models import build_model, freeze_for_mode
     from fedge.shared.tasks import image_task
 
     task = image_task("digits", tuple(str(c) for c in range(10)), 32, 1, "resnet18")

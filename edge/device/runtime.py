@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedge.shared.bundle import (
+    ARTIFACT_FORMATS,
     ArtifactEntry,
     Manifest,
     SelfTestResult,
@@ -34,7 +35,6 @@ from fedge.shared.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "tflite")
 PRECISIONS = ("fp32", "int8")
 _INSTALL_HINT = 'install the edge runtime: pip install "fedge[edge]"'
 
@@ -99,8 +99,8 @@ def select_artifact(
     BundleError
         No artifact in the bundle matches.
     """
-    if format is not None and format not in FORMATS:
-        raise ConfigError(f"format {format!r} is not one of {', '.join(FORMATS)}")
+    if format is not None and format not in ARTIFACT_FORMATS:
+        raise ConfigError(f"format {format!r} is not one of {', '.join(ARTIFACT_FORMATS)}")
     if precision is not None and precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     candidates = [

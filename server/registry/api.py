@@ -210,9 +210,7 @@ def registry_command(
     command = [
         sys.executable,
         "-m",
-        "fedge.server.registry_cli",
-        "registry",
-        "serve",
+        "fedge.server.registry.api",
         "--data-dir",
         str(data_dir),
         "--host",
@@ -222,8 +220,6 @@ def registry_command(
     ]
     if tls_cert is not None and tls_key is not None:
         command += ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
-    else:
-        command.append("--insecure")
     return command
 
 
@@ -245,3 +241,24 @@ def start_registry_server(
 
     log_path = log_path or Path(data_dir) / "registry-api.log"
     return spawn(registry_command(data_dir, host, port, tls_cert, tls_key), log_path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Process entry of ``start_registry_server``: serve ``--data-dir`` until terminated."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--port", required=True, type=int)
+    parser.add_argument("--tls-cert", type=Path)
+    parser.add_argument("--tls-key", type=Path)
+    args = parser.parse_args(argv)
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert and args.tls_key else None
+    if tls is None:
+        log.warning("registry API without TLS: device tokens and bundles travel in clear text")
+    run_registry_server(args.data_dir, args.host, args.port, tls)
+
+
+if __name__ == "__main__":
+    main()

@@ -18,18 +18,21 @@ from fedge.shared.errors import BundleError
 log = logging.getLogger(__name__)
 
 
+REGISTRY_SUBDIR = "registry"
+
+
 def default_registry_dir() -> Path:
     """``server_data_dir()/registry``: where ``fedge registry`` keeps its data by default."""
     from fedge.shared.paths import server_data_dir
 
-    return server_data_dir() / "registry"
+    return server_data_dir() / REGISTRY_SUBDIR
 
 
 def default_public_key() -> Path:
     """The server's signing public key, ``signing.pub`` beside ``signing.key``."""
-    from fedge.shared.paths import signing_key_path
+    from fedge.shared.paths import trusted_key_path
 
-    return signing_key_path().with_suffix(".pub")
+    return trusted_key_path()
 
 
 def publish_bundle(

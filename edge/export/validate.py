@@ -273,7 +273,7 @@ def _size(n: int) -> str:
 
 def reference_logits(model: Any, x: np.ndarray) -> np.ndarray:
     """PyTorch's float32 logits of ``model`` on preprocessed inputs (CPU, eval mode)."""
-    from fedge.shared.training import predict_logits
+    from fedge.shared.ml.training import predict_logits
 
     return predict_logits(model, x).astype(np.float32)
 

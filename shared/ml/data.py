@@ -5,7 +5,7 @@ A data *spec* is the string a site gives ``fedge client start --data``:
 - ``digits`` / ``breast-cancer``: a built-in set (its federated ``train`` pool);
 - ``digits:test`` (or ``:public``, ``:train``): one fixed split of a built-in set;
 - ``digits#2/3``: partition 2 of 3 of the train pool, non-IID (Dirichlet, see
-  ``fedge.shared.partition``); ``digits#2/3?alpha=0.3`` sets the concentration;
+  ``fedge.shared.ml.partition``); ``digits#2/3?alpha=0.3`` sets the concentration;
 - ``/path/to/folder``: an image folder with one subfolder per class;
 - ``/path/to/file.csv``: a CSV with a label column (``label`` unless the task says).
 
@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fedge.shared.config import RunConfig
 from fedge.shared.errors import DataError
-from fedge.shared.tasks import BUILTIN_TASKS, TabularPreprocessing, TaskSpec
+from fedge.shared.model_names import TORCHVISION_MIN_SIZE, is_torchvision
+from fedge.shared.tasks import BUILTIN_TASKS, TabularPreprocessing, TaskSpec, image_task
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("public", "test", "train")
@@ -235,7 +237,7 @@ def load_data(spec: DataSpec | str, task: TaskSpec, label_column: str = "label")
             raise DataError(f"data {path} does not fit the run's {task.kind} task {task.name!r}")
     data = align_labels(data, task, spec.source)
     if spec.partition is not None and spec.num_partitions is not None:
-        from fedge.shared.partition import dirichlet_partition
+        from fedge.shared.ml.partition import dirichlet_partition
 
         try:
             parts = dirichlet_partition(data.y, spec.num_partitions, spec.alpha)
@@ -250,3 +252,43 @@ def load_data(spec: DataSpec | str, task: TaskSpec, label_column: str = "label")
     if len(data) == 0:
         raise DataError(f"data {spec.source!r} is empty after partitioning")
     return data
+
+
+DEFAULT_USER_IMAGE_SIZE = 64
+
+
+def task_for_run(cfg: RunConfig) -> TaskSpec:
+    """The task of a run. Built-in tabular statistics come from the public split."""
+    if cfg.task == "digits":
+        size = cfg.image_size or (TORCHVISION_MIN_SIZE if is_torchvision(cfg.model) else 8)
+        return image_task("digits", tuple(str(c) for c in range(10)), size, 1, cfg.model)
+    if cfg.task == "images":
+        size = cfg.image_size or DEFAULT_USER_IMAGE_SIZE
+        return image_task("images", cfg.class_list(), max(size, _min_size(cfg.model)), 3, cfg.model)
+    if cfg.task == "breast-cancer":
+        whole = load_builtin("breast-cancer")
+        public = whole.x[builtin_split_indices(len(whole))["public"]]
+        return TaskSpec(
+            "breast-cancer",
+            whole.classes,
+            _standardise(breast_cancer_columns(), public),
+        )
+    # "tabular": the user states the column order; no statistics are known up front.
+    columns = cfg.feature_list()
+    ones = (1.0,) * len(columns)
+    return TaskSpec(
+        "tabular", cfg.class_list(), TabularPreprocessing(columns, (0.0,) * len(columns), ones)
+    )
+
+
+def _min_size(model: str) -> int:
+    return TORCHVISION_MIN_SIZE if is_torchvision(model) else 8
+
+
+def _standardise(columns: tuple[str, ...], rows: np.ndarray) -> TabularPreprocessing:
+    mean = rows.mean(axis=0)
+    std = rows.std(axis=0)
+    std[std == 0] = 1.0
+    return TabularPreprocessing(
+        columns, tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    )

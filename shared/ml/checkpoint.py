@@ -128,7 +128,7 @@ def resolve_checkpoint(path: Path | str) -> Path:
 def load_model_from_checkpoint(ckpt: Checkpoint) -> nn.Module:
     """Rebuild the model a checkpoint was taken from and load its weights."""
     from fedge.shared.config import RunConfig
-    from fedge.shared.model_setup import build_run_model
+    from fedge.shared.ml.models import build_run_model
 
     cfg = RunConfig.from_flower(ckpt.config)
     model = build_run_model(cfg, ckpt.task, load_weights=False)

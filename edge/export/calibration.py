@@ -86,7 +86,7 @@ def load_prepared(
     DataError
         If the data is missing, malformed, or does not fit the task.
     """
-    from fedge.shared.data import load_data
+    from fedge.shared.ml.data import load_data
     from fedge.shared.preprocess import prepare
 
     raw = load_data(spec, task, label_column=label_column)

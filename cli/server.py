@@ -7,8 +7,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedge.shared.errors import ConfigError
-
 app = typer.Typer(help="Run the federation server (Flower SuperLink) and enroll sites.")
 DataDir = Annotated[
     Path | None, typer.Option(help="Server state: database, TLS files, site registry.")
@@ -23,16 +21,10 @@ def _data_dir(data_dir: Path | None) -> Path:
 
 def _local_superlink(data_dir: Path) -> tuple[str, Path | None]:
     """Address and CA of the SuperLink this data dir belongs to (from `server start`)."""
-    import json
+    from fedge.server.coordinator import read_state
 
-    info = data_dir / "server.json"
-    if not info.is_file():
-        raise ConfigError(
-            f"no server was started with data dir {data_dir}; run `fedge server start`"
-        )
-    data = json.loads(info.read_text())
-    ca = data.get("ca_cert")
-    return str(data["address"]), Path(ca) if ca else None
+    state = read_state(data_dir)
+    return state.address, state.ca_path
 
 
 @app.command()
@@ -53,96 +45,48 @@ def start(
 
     Example: fedge server start --port 9092 --san fl.example.org
     """
-    from fedge.server.superlink import SuperLinkSpec, start_superlink
-    from fedge.shared.atomic import atomic_write_json
-    from fedge.shared.tls import ensure_server_certificate
+    from fedge.server.coordinator import public_host, start_server
 
     console = Console()
-    directory = _data_dir(data_dir)
-    tls = None
     if insecure:
         console.print("[yellow]warning: --insecure: no TLS, and any SuperNode can join.")
-    else:
-        tls = ensure_server_certificate(directory / "tls", list(san or []))
-    spec = SuperLinkSpec(directory, host, port, tls)
-    proc = start_superlink(spec)
-    address = f"{spec.connect_host}:{port}"
-    registry_pid = None
-    if registry_port:
-        from fedge.server.registry.api import start_registry_server
-
-        registry = start_registry_server(
-            directory / "registry",
-            host,
-            registry_port,
-            tls.cert if tls else None,
-            tls.key if tls else None,
-        )
-        registry_pid = registry.pid
-    atomic_write_json(
-        directory / "server.json",
-        {
-            "address": address,
-            "ca_cert": str(tls.ca_cert) if tls else None,
-            "pid": proc.pid,
-            "registry_pid": registry_pid,
-        },
+    started = start_server(_data_dir(data_dir), host, port, registry_port, san, insecure)
+    state, public = started.state, public_host(host)
+    console.print(
+        f"SuperLink running on {host}:{port} (pid {state.pid}); log: {started.log_path}"
     )
-    console.print(f"SuperLink running on {host}:{port} (pid {proc.pid}); log: {spec.log_path}")
-    if registry_pid:
-        scheme = "https" if tls else "http"
-        console.print(f"registry and fleet API on {scheme}://{_public(host)}:{registry_port}")
-    if tls is not None:
+    if started.registry_url:
+        console.print(f"registry and fleet API on {started.registry_url}")
+    if started.tls:
         console.print("TLS on, SuperNode authentication on. A site joins in three steps:")
-        console.print(
-            f"  site:     fedge client enroll --server {_public(host)}:{port} --name SITE"
-        )
+        console.print(f"  site:     fedge client enroll --server {public}:{port} --name SITE")
         console.print("  operator: fedge server approve SITE.enroll.json   (send the answer back)")
         console.print("  site:     fedge client start --name SITE --data SPEC")
     else:
         console.print(
-            f"Sites connect with: fedge client start --server {_public(host)}:{port} "
+            f"Sites connect with: fedge client start --server {public}:{port} "
             "--name SITE --data SPEC --insecure"
         )
     console.print("Submit runs with: fedge run --config run.toml")
     if foreground:
         from fedge.shared.processes import stay_attached
 
-        stay_attached(proc)
-
-
-def _public(host: str) -> str:
-    import socket
-
-    return socket.gethostname() if host in ("0.0.0.0", "::") else host
+        stay_attached(started.superlink, *([started.registry] if started.registry else []))
 
 
 @app.command()
 def stop(data_dir: DataDir = None) -> None:
-    """Stop the SuperLink started with this data dir.
+    """Stop the SuperLink (and registry API) started with this data dir.
 
     Example: fedge server stop
     """
-    from fedge.server.superlink import stop_superlink
+    from fedge.server.coordinator import stop_server
 
     directory = _data_dir(data_dir)
-    _stop_registry(directory)
-    if stop_superlink(directory):
+    if stop_server(directory):
         typer.echo(f"stopped the SuperLink of {directory}")
     else:
         typer.echo(f"no SuperLink was running for {directory}")
-
-
-def _stop_registry(directory: Path) -> None:
-    import json
-
-    from fedge.shared.processes import stop_process
-
-    info = directory / "server.json"
-    if info.is_file():
-        pid = json.loads(info.read_text()).get("registry_pid")
-        if pid:
-            stop_process(int(pid))
 
 
 @app.command()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedge.shared.device import autocast
+from fedge.shared.ml.device import autocast
 
 log = logging.getLogger(__name__)
 

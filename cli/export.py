@@ -53,7 +53,7 @@ def export(
     """Export a run's model to ONNX/TFLite, quantize, validate and sign a bundle."""
     from rich.console import Console
 
-    from fedge.edge.build.pipeline import ArtifactsFailed, export_bundle
+    from fedge.edge.export.pipeline import ArtifactsFailed, export_bundle
 
     console = Console()
     default = source / "bundle" if source.is_dir() else source.with_name(f"{source.stem}-bundle")

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from fedge.shared.config import RunConfig
 from fedge.shared.errors import ConfigError
 from fedge.shared.model_names import check_model_name, is_torchvision
 from fedge.shared.tasks import TaskSpec
@@ -66,7 +67,7 @@ def _torchvision_model(name: str, num_classes: int) -> nn.Module:
     """A torchvision classifier with random weights and a ``num_classes`` head.
 
     torchvision's published ``.pth`` files (ImageNet heads) still load into it:
-    ``fedge.shared.weights`` loads their backbone and keeps this new head.
+    ``fedge.shared.ml.weights`` loads their backbone and keeps this new head.
     """
     from torchvision import models as tv
 
@@ -121,3 +122,24 @@ def exchanged_keys(model: nn.Module, mode: str) -> list[str]:
 
 def count_parameters(params: Iterable[torch.Tensor]) -> int:
     return sum(p.numel() for p in params)
+
+def make_dp_compatible(model: nn.Module) -> nn.Module:
+    """Replace layers DP-SGD cannot handle (BatchNorm -> GroupNorm), via Opacus."""
+    from opacus.validators import ModuleValidator
+
+    if ModuleValidator.validate(model, strict=False):
+        model = ModuleValidator.fix(model)
+    return model
+
+
+def build_run_model(cfg: RunConfig, task: TaskSpec, load_weights: bool = True) -> nn.Module:
+    """The run's model, with its initial weights and trainable parts set by ``cfg.mode``."""
+    model = build_model(cfg.model, task)
+    if cfg.privacy.dp == "record":
+        model = make_dp_compatible(model)
+    if load_weights and cfg.init_weights:
+        from fedge.shared.ml.weights import load_init_weights  # weights imports this module
+
+        load_init_weights(model, cfg.model, cfg.init_weights)
+    freeze_for_mode(model, cfg.model, cfg.mode)
+    return model

@@ -40,9 +40,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 
 def _trusted_key(key: Path | None) -> Path:
-    from fedge.shared.paths import signing_key_path
+    from fedge.shared.paths import trusted_key_path
 
-    return key if key is not None else signing_key_path().with_suffix(".pub")
+    return key if key is not None else trusted_key_path()
 
 
 @app.command()

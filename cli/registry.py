@@ -28,14 +28,18 @@ fleet_app = typer.Typer(help="What the enrolled edge devices report.", no_args_i
 
 DataDir = Annotated[
     Path | None,
-    typer.Option("--data-dir", help="Registry directory [default: FEDGE_HOME/server/registry]."),
+    typer.Option(
+        "--data-dir",
+        help="Server state folder, as for `fedge server` [default: FEDGE_HOME/server]; "
+        "the registry is its registry/ subfolder.",
+    ),
 ]
 
 
 def _registry_dir(data_dir: Path | None) -> Path:
-    from fedge.server.registry.publish import default_registry_dir
+    from fedge.server.registry.publish import REGISTRY_SUBDIR, default_registry_dir
 
-    return data_dir if data_dir is not None else default_registry_dir()
+    return data_dir / REGISTRY_SUBDIR if data_dir is not None else default_registry_dir()
 
 
 @registry_app.command()
@@ -249,28 +253,3 @@ def fleet_show(
         else:
             table.add_row(key, "-" if value is None else str(value))
     console.print(table)
-
-
-def _standalone() -> typer.Typer:
-    """``python -m fedge.server.registry_cli registry|fleet ...`` without the root CLI."""
-    app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-    app.add_typer(registry_app, name="registry")
-    app.add_typer(fleet_app, name="fleet")
-    return app
-
-
-def main() -> None:
-    """Run the standalone app with the root CLI's error handling (message + exit code)."""
-    from fedge.shared.errors import FedgeError
-
-    try:
-        _standalone()()
-    except FedgeError as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        if e.hint:
-            typer.echo(f"hint: {e.hint}", err=True)
-        raise SystemExit(int(e.exit_code)) from e
-
-
-if __name__ == "__main__":
-    main()

@@ -20,16 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedge.edge.build import bundle_writer, validate
-from fedge.edge.build.bundle_writer import BuiltArtifact
-from fedge.edge.build.calibration import (
+from fedge.edge.export import bundle_writer, validate
+from fedge.edge.export.bundle_writer import BuiltArtifact
+from fedge.edge.export.calibration import (
     DEFAULT_CALIBRATION_EXAMPLES,
     CalibrationReader,
     PreparedData,
     load_prepared,
     resolve_data_specs,
 )
-from fedge.edge.build.model_card import (
+from fedge.edge.export.model_card import (
     complete_card,
     default_version,
     describe_spec,
@@ -37,14 +37,14 @@ from fedge.edge.build.model_card import (
     run_dir_of,
     source_card,
 )
-from fedge.edge.build.onnx_export import set_metadata
+from fedge.edge.export.onnx_export import set_metadata
 from fedge.shared import signing
+from fedge.shared.bundle import ARTIFACT_FORMATS
 from fedge.shared.errors import ConfigError, ExportError
 from fedge.shared.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "tflite")
 QUANTIZATIONS = ("none", "dynamic", "static")
 
 
@@ -121,13 +121,13 @@ def plan_artifacts(
 
 def check_choices(formats: Sequence[str], quantize: Sequence[str]) -> None:
     """Raise ``ConfigError`` for unknown formats or quantization modes (all at once)."""
-    errors = [f"unknown format {f!r}" for f in formats if f not in FORMATS]
+    errors = [f"unknown format {f!r}" for f in formats if f not in ARTIFACT_FORMATS]
     errors += [f"unknown quantization {q!r}" for q in quantize if q not in QUANTIZATIONS]
     if not formats or not quantize:
         errors.append("--formats and --quantize each need at least one value")
     if errors:
         raise ConfigError(
-            "; ".join(errors) + f" (formats: {', '.join(FORMATS)}; "
+            "; ".join(errors) + f" (formats: {', '.join(ARTIFACT_FORMATS)}; "
             f"quantize: {', '.join(QUANTIZATIONS)})"
         )
 
@@ -168,9 +168,9 @@ def _reason(error: BaseException) -> str:
 def _builders(
     model: nn.Module, sample: torch.Tensor, work: Path, reader: CalibrationReader | None
 ) -> dict[str, Callable[[Path], Path]]:
-    from fedge.edge.build.onnx_export import export_onnx
-    from fedge.edge.build.quantize import quantize_onnx_dynamic, quantize_onnx_static
-    from fedge.edge.build.tflite_export import export_tflite, quantize_tflite_dynamic
+    from fedge.edge.export.onnx_export import export_onnx
+    from fedge.edge.export.quantize import quantize_onnx_dynamic, quantize_onnx_static
+    from fedge.edge.export.tflite_export import export_tflite, quantize_tflite_dynamic
 
     def static(path: Path) -> Path:
         if reader is None:
@@ -195,7 +195,7 @@ def export_model(
     calibration: PreparedData | None,
     private_key: signing.Ed25519PrivateKey,
     version: str,
-    formats: Sequence[str] = FORMATS,
+    formats: Sequence[str] = ARTIFACT_FORMATS,
     quantize: Sequence[str] = QUANTIZATIONS,
     max_accuracy_drop: float = 1.0,
     model_card: Mapping[str, Any] | None = None,
@@ -207,7 +207,7 @@ def export_model(
 
     Parameters are those of ``export_bundle``, with the data already prepared,
     the key loaded, and ``model_card`` holding the facts about the model's origin
-    (see ``fedge.edge.build.model_card.source_card``).
+    (see ``fedge.edge.export.model_card.source_card``).
 
     Raises
     ------
@@ -337,7 +337,7 @@ def export_bundle(
     source: Path,
     out_dir: Path,
     *,
-    formats: Sequence[str] = FORMATS,
+    formats: Sequence[str] = ARTIFACT_FORMATS,
     quantize: Sequence[str] = QUANTIZATIONS,
     calibration: str | None = None,
     eval_data: str | None = None,
@@ -391,12 +391,12 @@ def export_bundle(
         Some artifacts failed validation (the bundle holds the others) or none
         passed (no bundle); ``.report`` has the table.
     """
-    from fedge.shared.checkpoint import (
+    from fedge.shared.config import RunConfig
+    from fedge.shared.ml.checkpoint import (
         load_checkpoint,
         load_model_from_checkpoint,
         resolve_checkpoint,
     )
-    from fedge.shared.config import RunConfig
 
     check_choices(formats, quantize)
     private_key = bundle_writer.load_signing_key(signing_key)

@@ -23,9 +23,9 @@ KeyOpt = Annotated[
 
 
 def _trusted_key(key: Path | None) -> Path:
-    from fedge.shared.paths import signing_key_path
+    from fedge.shared.paths import trusted_key_path
 
-    return key if key is not None else signing_key_path().with_suffix(".pub")
+    return key if key is not None else trusted_key_path()
 
 
 def read_token(token: str | None, token_file: Path | None) -> str:
@@ -150,23 +150,3 @@ def register(app: typer.Typer) -> None:
     """Add ``agent`` and ``serve`` to the ``fedge edge`` typer app."""
     app.command("agent")(agent)
     app.command("serve")(serve)
-
-
-def main() -> None:
-    """``python -m fedge.edge.device.deploy_cli agent|serve ...`` without the root CLI."""
-    from fedge.shared.errors import FedgeError
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-    register(app)
-    try:
-        app()
-    except FedgeError as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        if e.hint:
-            typer.echo(f"hint: {e.hint}", err=True)
-        raise SystemExit(int(e.exit_code)) from e
-
-
-if __name__ == "__main__":
-    main()

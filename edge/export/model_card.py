@@ -15,8 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fedge.shared.checkpoint import Checkpoint
 from fedge.shared.config import RunConfig
+from fedge.shared.ml.checkpoint import Checkpoint
 from fedge.shared.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def describe_spec(spec: str | None) -> str | None:
     """A data spec for the card: built-in specs as they are, paths by their name only."""
     if spec is None:
         return None
-    from fedge.shared.data import DataSpec
+    from fedge.shared.ml.data import DataSpec
 
     return spec if DataSpec.parse(spec).is_builtin else Path(spec).name
 

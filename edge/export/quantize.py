@@ -8,7 +8,7 @@ Two flavours, like ORT's own ``quantize_dynamic`` / ``quantize_static``:
 - static: weights *and* activations 8-bit (uint8 activations, int8 weights) in
   the QDQ format, per-channel (7-bit, ``reduce_range``) weight scales. The
   activation ranges come from calibration data read through a
-  ``CalibrationDataReader`` (``fedge.edge.build.calibration.CalibrationReader``).
+  ``CalibrationDataReader`` (``fedge.edge.export.calibration.CalibrationReader``).
   The fast one on CPUs with int8 kernels, but only as good as its calibration data.
 
 Both first run ``quant_pre_process`` (shape inference + graph optimisation, which

@@ -18,33 +18,28 @@ import torch
 
 from fedge.server import events
 from fedge.server.privacy import privacy_record, site_level_epsilon
+from fedge.server.superlink import ENV_AUTH, ENV_TLS
 from fedge.shared import records
 from fedge.shared.atomic import append_jsonl, atomic_write_json, read_jsonl
-from fedge.shared.checkpoint import (
+from fedge.shared.config import RunConfig
+from fedge.shared.errors import RunError
+from fedge.shared.ml.checkpoint import (
     FINAL_MODEL,
     latest_checkpoint,
     load_checkpoint,
     round_path,
     save_checkpoint,
 )
-from fedge.shared.config import RunConfig
-from fedge.shared.data import load_data
-from fedge.shared.device import select_device
-from fedge.shared.errors import RunError
-from fedge.shared.model_setup import build_run_model
-from fedge.shared.models import count_parameters, exchanged_keys
+from fedge.shared.ml.data import load_data, task_for_run
+from fedge.shared.ml.device import select_device
+from fedge.shared.ml.models import build_run_model, count_parameters, exchanged_keys
+from fedge.shared.ml.training import Metrics, evaluate, make_loader
 from fedge.shared.preprocess import prepare
-from fedge.shared.task_for_run import task_for_run
-from fedge.shared.training import Metrics, evaluate, make_loader
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 RUN_CONFIG_FILE = "run_config.json"
-# Environment the SuperLink is started with, inherited by the ServerApp process:
-# only the SuperLink knows whether it runs with TLS and SuperNode authentication.
-ENV_TLS = "FEDGE_SUPERLINK_TLS"
-ENV_AUTH = "FEDGE_SUPERLINK_AUTH"
 
 
 @dataclass

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from fedge.edge.build.onnx_export import INPUT_NAME, OUTPUT_NAME
-from fedge.edge.build.validate import ValidationResult
+from fedge.edge.export.onnx_export import INPUT_NAME, OUTPUT_NAME
+from fedge.edge.export.validate import ValidationResult
 from fedge.shared import bundle, signing
 from fedge.shared.atomic import atomic_write_json
 from fedge.shared.errors import ExportError, SecurityError

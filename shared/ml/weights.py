@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fedge.shared.errors import ModelError
-from fedge.shared.models import head_keys
+from fedge.shared.ml.models import head_keys
 
 log = logging.getLogger(__name__)
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")

@@ -1,0 +1,147 @@
+"""The coordinator as one unit: SuperLink + registry API, started and stopped together.
+
+``fedge server start`` is a thin command over ``start_server``; every other operator
+command finds the running coordinator through the state file ``DATA_DIR/server.json``
+that ``start_server`` writes (``read_state``). Torch-free: starting a server must not
+pay for importing torch.
+"""
+
+import json
+import socket
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fedge.server.superlink import SuperLinkSpec, start_superlink, stop_superlink
+from fedge.shared.atomic import atomic_write_json
+from fedge.shared.errors import ConfigError
+from fedge.shared.processes import stop_process
+
+STATE_FILE = "server.json"
+DEFAULT_REGISTRY_PORT = 9443
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """What ``DATA_DIR/server.json`` records about a started coordinator."""
+
+    address: str
+    ca_cert: str | None
+    pid: int
+    registry_pid: int | None
+
+    @property
+    def ca_path(self) -> Path | None:
+        return Path(self.ca_cert) if self.ca_cert else None
+
+
+@dataclass(frozen=True)
+class StartedServer:
+    """A coordinator just started: its processes, its state and where a person reaches it."""
+
+    superlink: "subprocess.Popen[bytes]"
+    registry: "subprocess.Popen[bytes] | None"
+    state: ServerState
+    host: str
+    port: int
+    log_path: Path
+    registry_url: str | None
+    tls: bool
+
+
+def read_state(data_dir: Path) -> ServerState:
+    """The coordinator started with ``data_dir``.
+
+    Raises
+    ------
+    ConfigError
+        No server was ever started there, or its state file is unreadable.
+    """
+    path = data_dir / STATE_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"no server was started with data dir {data_dir}",
+            hint="run `fedge server start` (or pass the --data-dir it was started with)",
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return ServerState(
+            address=str(data["address"]),
+            ca_cert=data.get("ca_cert"),
+            pid=int(data["pid"]),
+            registry_pid=int(data["registry_pid"]) if data.get("registry_pid") else None,
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} is not a fedge server state file: {e}") from e
+
+
+def public_host(host: str) -> str:
+    """The name a site dials for a server bound to ``host`` (the machine's, for wildcards)."""
+    return socket.gethostname() if host in ("0.0.0.0", "::") else host
+
+
+def start_server(
+    data_dir: Path,
+    host: str = "0.0.0.0",
+    port: int = 9092,
+    registry_port: int = DEFAULT_REGISTRY_PORT,
+    sans: list[str] | None = None,
+    insecure: bool = False,
+) -> StartedServer:
+    """Start the SuperLink (TLS + SuperNode auth unless ``insecure``) and the registry API.
+
+    Parameters
+    ----------
+    data_dir
+        Server state: SuperLink database, CA and certificate, site and device registries.
+    registry_port
+        Port of the registry / fleet API for devices; 0 leaves it off.
+    sans
+        Extra host names or IPs that sites dial, added to the server certificate.
+
+    Returns
+    -------
+    StartedServer
+        The recorded state (also written to ``DATA_DIR/server.json``) and the addresses.
+    """
+    from fedge.shared.tls import ensure_server_certificate
+
+    tls = None if insecure else ensure_server_certificate(data_dir / "tls", list(sans or []))
+    spec = SuperLinkSpec(data_dir, host, port, tls)
+    proc = start_superlink(spec)
+    registry, registry_url = None, None
+    if registry_port:
+        from fedge.server.registry.api import start_registry_server
+        from fedge.server.registry.publish import REGISTRY_SUBDIR
+
+        registry = start_registry_server(
+            data_dir / REGISTRY_SUBDIR,
+            host,
+            registry_port,
+            tls.cert if tls else None,
+            tls.key if tls else None,
+        )
+        registry_url = f"{'https' if tls else 'http'}://{public_host(host)}:{registry_port}"
+    state = ServerState(
+        address=f"{spec.connect_host}:{port}",
+        ca_cert=str(tls.ca_cert) if tls else None,
+        pid=proc.pid,
+        registry_pid=registry.pid if registry else None,
+    )
+    atomic_write_json(data_dir / STATE_FILE, asdict(state))
+    return StartedServer(
+        proc, registry, state, host, port, spec.log_path, registry_url, tls is not None
+    )
+
+
+def stop_server(data_dir: Path) -> bool:
+    """Stop the registry API and the SuperLink of ``data_dir``; False if none was running."""
+    path = data_dir / STATE_FILE
+    if path.is_file():
+        try:
+            registry_pid = read_state(data_dir).registry_pid
+        except ConfigError:
+            registry_pid = None
+        if registry_pid:
+            stop_process(registry_pid)
+    return stop_superlink(data_dir)
