@@ -88,7 +88,7 @@ def predict(
     for column in ("input", "label", "score"):
         table.add_column(column, justify="right" if column == "score" else "left")
     for row in rows:
-        table.add_row(row["input"], row["label"], f"{row['score']:.3f}")
+        table.add_row(str(row["input"]), str(row["label"]), f"{row['score']:.3f}")
     Console().print(table)
 
 

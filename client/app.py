@@ -36,12 +36,12 @@ class SiteClient(NumPyClient):
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        return self._site().fit(parameters, config)  # type: ignore[no-any-return]
+        return self._site().fit(parameters, config)
 
     def evaluate(
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[float, int, dict[str, Any]]:
-        return self._site().evaluate(parameters, config)  # type: ignore[no-any-return]
+        return self._site().evaluate(parameters, config)
 
 
 def client_fn(context: Context) -> Any:
@@ -54,8 +54,8 @@ def _secaggplus_when_asked(msg: Message, ctxt: Context, call_next: Any) -> Messa
         msg.metadata.message_type == MessageType.TRAIN
         and RECORD_KEY_CONFIGS in msg.content.config_records
     ):
-        return secaggplus_mod(msg, ctxt, call_next)  # type: ignore[no-any-return]
-    return call_next(msg, ctxt)  # type: ignore[no-any-return]
+        return secaggplus_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
 
 
 def _clipping_when_asked(msg: Message, ctxt: Context, call_next: Any) -> Message:
@@ -63,8 +63,8 @@ def _clipping_when_asked(msg: Message, ctxt: Context, call_next: Any) -> Message
     if msg.metadata.message_type == MessageType.TRAIN and any(
         _CLIPPING_KEY in record for record in msg.content.config_records.values()
     ):
-        return fixedclipping_mod(msg, ctxt, call_next)  # type: ignore[no-any-return]
-    return call_next(msg, ctxt)  # type: ignore[no-any-return]
+        return fixedclipping_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
 
 
 # SecAgg+ outermost: it masks what the clipping mod returns (clip on the site, then mask).

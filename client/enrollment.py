@@ -168,7 +168,7 @@ def create_enrollment(
         created_at=utc_now(),
         path=folder / f"{site_name}{REQUEST_SUFFIX}",
     )
-    atomic_write_json(request.path, request.to_dict())
+    atomic_write_json(folder / f"{site_name}{REQUEST_SUFFIX}", request.to_dict())
     log.info("created the key pair of site %s in %s", site_name, folder)
     return request
 

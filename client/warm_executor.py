@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.supercore.superexec import run_superexec as superexec
 
     # Flower picks its executor through this factory; hand it the forking one.
-    superexec.get_executor = lambda *_a, **_k: ForkExecutor()  # type: ignore[assignment]
+    superexec.get_executor = lambda *_a, **_k: ForkExecutor()
     superexec.run_superexec(
         runtime_api_address=args.runtime_api_address,
         insecure=True,  # the SuperNode's Runtime API listens on 127.0.0.1 only

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from fedge.shared.atomic import atomic_write_json
 from fedge.shared.config import PrivacyConfig, RunConfig
-from fedge.shared.errors import ConfigError
+from fedge.shared.errors import ConfigError, ExportError
 from fedge.shared.processes import ProcessGroup
 
 PRETRAIN_EPOCHS = 10  # a deliberately small start, so the federation has something to add
@@ -190,6 +190,8 @@ def _edge(out: Path, run_dir: Path, tls: Any, console: Console) -> dict[str, Any
         console.print(f"[yellow]{e}")
         report = e.report
     console.print(report.table())
+    if report.bundle_dir is None:
+        raise ExportError("no artifact passed validation: nothing to benchmark or deploy")
     console.rule("[bold]5. benchmark every artifact with the torch-free runtime")
     rows = bench_bundle(report.bundle_dir, public_key, iterations=50)
     console.print(render_bench_table(rows))

@@ -32,7 +32,7 @@ def weighted_average(results: list[tuple[int, Metrics]]) -> Metrics:
     for key in (records.METRIC_LOSS, records.METRIC_ACCURACY):
         values = [(n, m[key]) for n, m in results if key in m]
         if values:
-            out[key] = sum(n * float(v) for n, v in values) / total  # type: ignore[arg-type]
+            out[key] = sum(n * float(v) for n, v in values) / total
     return out
 
 

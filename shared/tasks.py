@@ -100,9 +100,11 @@ def image_task(
     """An image task; torchvision backbones get ImageNet normalisation and 3 channels."""
     from fedge.shared.model_names import is_torchvision
 
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     if is_torchvision(model):
         channels = 3
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        mean, std = tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
     else:
         mean, std = (0.5,) * channels, (0.5,) * channels
     order = "L" if channels == 1 else "RGB"

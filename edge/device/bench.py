@@ -114,10 +114,10 @@ def _measure(
     many = np.ascontiguousarray(np.resize(inputs, (batch, *inputs.shape[1:])))
     model.predict_tensor(many)  # first call at a new batch size may allocate
     reps = max(3, iterations // 10)
-    start = time.perf_counter()
+    batch_start = time.perf_counter()
     for _ in range(reps):
         model.predict_tensor(many)
-    throughput = batch * reps / (time.perf_counter() - start)
+    throughput = batch * reps / (time.perf_counter() - batch_start)
     result = model.self_test() if manifest.self_test else None
     return {
         "load_ms": model.load_seconds * 1e3,

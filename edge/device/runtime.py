@@ -182,7 +182,7 @@ def _litert_interpreter(path: Path, threads: int | None) -> Any:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         # The deprecated predecessor; works only with numpy 1 and older converter output.
-        from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+        from tflite_runtime.interpreter import Interpreter
     return Interpreter(model_path=str(path), num_threads=threads)
 
 

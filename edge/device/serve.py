@@ -210,7 +210,7 @@ def _row(item: Any, columns: tuple[str, ...], i: int) -> Any:
 
 def _array(value: Any, dtype: type) -> np.ndarray:
     try:
-        array = np.asarray(value, dtype=dtype)
+        array: np.ndarray = np.asarray(value, dtype=dtype)
     except (ValueError, TypeError) as e:
         raise HTTPProblem(422, f"inputs are not a regular array of numbers ({e})") from e
     if not np.all(np.isfinite(array)):

@@ -108,7 +108,7 @@ def batches(x: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         yield x[start : start + batch_size]
 
 
-class CalibrationReader(CalibrationDataReader):  # type: ignore[misc]
+class CalibrationReader(CalibrationDataReader):
     """ONNX Runtime calibration reader over preprocessed inputs; ``rewind`` starts it over.
 
     Parameters

@@ -5,7 +5,7 @@ all call these, so a secure run and a plain run train identically.
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +36,7 @@ def make_loader(
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
-def _add_proximal_gradient(anchors: list[tuple[torch.Tensor, torch.Tensor]], mu: float) -> None:
+def _add_proximal_gradient(anchors: Sequence[tuple[torch.Tensor, torch.Tensor]], mu: float) -> None:
     """FedProx: the gradient of mu/2 ||w - w_global||^2, added to each trainable weight."""
     for param, anchor in anchors:
         if param.grad is not None:
@@ -44,7 +44,9 @@ def _add_proximal_gradient(anchors: list[tuple[torch.Tensor, torch.Tensor]], mu:
 
 
 def _step(
-    optimizer: torch.optim.Optimizer, anchors: list[tuple[torch.Tensor, torch.Tensor]], mu: float
+    optimizer: torch.optim.Optimizer,
+    anchors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    mu: float,
 ) -> None:
     """One optimizer step with FedProx's term added after DP-SGD's clipping and noise.
 
