@@ -31,6 +31,7 @@ def _register() -> None:
     from fedge.cli.edge import app as edge_app
     from fedge.cli.export import export, keys_app
     from fedge.cli.registry import fleet_app, registry_app
+    from fedge.cli.report import report
     from fedge.cli.run import run
     from fedge.cli.server import app as server_app
 
@@ -38,6 +39,7 @@ def _register() -> None:
     app.add_typer(client_app, name="client")
     app.command()(run)
     app.command()(demo)
+    app.command()(report)
     app.command()(export)
     app.add_typer(keys_app, name="keys")
     register_deploy_commands(edge_app)

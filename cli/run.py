@@ -83,3 +83,17 @@ def run(
     console.print(
         f"final accuracy {summary.get('final_accuracy')}, model {summary.get('model_path')}"
     )
+    _print_report(console, Path(cfg.run_dir))
+
+
+def _print_report(console: Console, run_dir: Path) -> None:
+    """Write the run's HTML report when its directory is on this machine; say where."""
+    from fedge.server.report.render import write_report
+    from fedge.shared.errors import FedgeError
+
+    try:
+        path = write_report(run_dir)
+    except (FedgeError, OSError):  # the run dir is on the server's machine, not here
+        console.print(f"report: run `fedge report {run_dir}` on the server's machine")
+        return
+    console.print(f"report: {path.as_uri()}")

@@ -135,6 +135,9 @@ def run_demo(options: DemoOptions, console: Console) -> dict[str, Any]:
         )
         summary.update(_edge(out, Path(cfg.run_dir), tls, console))
     summary["seconds"] = round(time.monotonic() - started, 1)
+    from fedge.server.report.render import write_report
+
+    summary["report"] = str(write_report(cfg.run_dir, out / "report.html"))
     atomic_write_json(out / "summary.json", summary)
     console.rule("[bold]done")
     console.print(
@@ -142,6 +145,7 @@ def run_demo(options: DemoOptions, console: Console) -> dict[str, Any]:
         f"{100 * float(summary['final_accuracy'] or 0):.1f}% in {summary['seconds']}s; "
         f"summary: {out / 'summary.json'}"
     )
+    console.print(f"report: {Path(summary['report']).as_uri()}")
     return summary
 
 

@@ -1,0 +1,128 @@
+"""The run's plots as static SVG (matplotlib), embedded as data URIs by the report and console.
+
+Each plot is drawn on its own ``matplotlib.figure.Figure`` (no pyplot, no global
+state), so the console can draw them from several request threads. Text is
+written as glyph paths and the SVG goes into an ``<img>``: a site name cannot
+become markup, and an ``<img>`` never runs script.
+"""
+
+import base64
+import io
+from dataclasses import dataclass
+
+from fedge.server.report.data import RunData, series, site_bytes
+
+_RC = {"svg.fonttype": "path", "svg.hashsalt": "fedge", "font.size": 9.0}
+# At most this many sites get their own line in the per-site plot: a legend of hundreds helps
+# nobody (the per-site table has them all).
+MAX_SITE_LINES = 12
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One rendered plot: a short id, a title, and the SVG document."""
+
+    key: str
+    title: str
+    svg: bytes
+
+    @property
+    def data_uri(self) -> str:
+        """The SVG as a ``data:`` URI for an ``<img src>`` (self-contained, inert)."""
+        return "data:image/svg+xml;base64," + base64.b64encode(self.svg).decode("ascii")
+
+
+def _figure(title: str, ylabel: str) -> tuple[object, object]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2, 3.0), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    return fig, ax
+
+
+def _svg(fig: object) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None})  # type: ignore[attr-defined]
+    return buf.getvalue()
+
+
+def _lines(
+    key: str, title: str, ylabel: str, curves: list[tuple[str, list[int], list[float]]]
+) -> Plot | None:
+    """A line plot of the curves that have points; None if none has any."""
+    curves = [c for c in curves if c[1]]
+    if not curves:
+        return None
+    import matplotlib
+
+    with matplotlib.rc_context(_RC):
+        fig, ax = _figure(title, ylabel)
+        for label, xs, ys in curves:
+            ax.plot(xs, ys, marker="o", label=label)  # type: ignore[attr-defined]
+        if len(curves) > 1:
+            ax.legend()  # type: ignore[attr-defined]
+        return Plot(key, title, _svg(fig))
+
+
+def run_plots(run: RunData) -> list[Plot]:
+    """Accuracy, loss, epsilon, bytes per round and bytes per site: those with data.
+
+    Parameters
+    ----------
+    run
+        The run, finished or still running.
+
+    Returns
+    -------
+    list[Plot]
+        In a fixed order; a plot without any data point (no DP: no epsilon) is left out.
+    """
+    rows = run.rows
+    plots = [
+        _lines(
+            "accuracy",
+            "Accuracy per round",
+            "accuracy",
+            [
+                ("server (held-out)", *series(rows, "server_eval", "accuracy")),
+                ("federated (sites)", *series(rows, "federated_eval", "accuracy")),
+            ],
+        ),
+        _lines(
+            "loss",
+            "Loss per round",
+            "loss",
+            [
+                ("server (held-out)", *series(rows, "server_eval", "loss")),
+                ("federated (sites)", *series(rows, "federated_eval", "loss")),
+            ],
+        ),
+        _lines(
+            "epsilon", "Privacy spent (ε) per round", "ε", [("ε", *series(rows, "", "epsilon"))]
+        ),
+        _lines(
+            "bytes",
+            "Bytes moved per round",
+            "bytes",
+            [
+                ("down (to sites)", *series(rows, "", "bytes_down")),
+                ("up (from sites)", *series(rows, "", "bytes_up")),
+            ],
+        ),
+    ]
+    by_site = site_bytes(rows)
+    shown = list(by_site.items())[:MAX_SITE_LINES]
+    plots.append(
+        _lines(
+            "site-bytes",
+            "Bytes per site per round (down + up)",
+            "bytes",
+            [(name, xs, [float(y) for y in ys]) for name, (xs, ys) in shown],
+        )
+    )
+    return [p for p in plots if p is not None]
