@@ -72,6 +72,7 @@ def run(
             )
         cfg = load_run_config(config, num_rounds=rounds, run_dir=str(run_dir))
     certificates = _root_certificates(ca, insecure)
+    _remember(Path(cfg.run_dir))
     console.print(
         f"submitting to {server}: {cfg.task} / {cfg.model} / {cfg.mode} / {cfg.strategy}, "
         f"{cfg.num_rounds} rounds -> {cfg.run_dir}"
@@ -84,6 +85,15 @@ def run(
         f"final accuracy {summary.get('final_accuracy')}, model {summary.get('model_path')}"
     )
     _print_report(console, Path(cfg.run_dir))
+
+
+def _remember(run_dir: Path) -> None:
+    """List the run in the web console when this is the server's machine."""
+    from fedge.server.console.runs import remember_run
+    from fedge.shared.paths import server_data_dir
+
+    if (server_data_dir() / "server.json").is_file():
+        remember_run(server_data_dir(), run_dir)
 
 
 def _print_report(console: Console, run_dir: Path) -> None:

@@ -57,6 +57,10 @@ def start(
     )
     if started.registry_url:
         console.print(f"registry and fleet API on {started.registry_url}")
+        console.print(
+            f"web console on {started.registry_url}/console/ (log in with an operator token: "
+            "fedge server grant NAME --role operator)"
+        )
     if started.tls:
         console.print("TLS on, SuperNode authentication on. A site joins in three steps:")
         console.print(f"  site:     fedge client enroll --server {public}:{port} --name SITE")

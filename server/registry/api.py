@@ -148,6 +148,9 @@ def create_app(data_dir: Path | str) -> FastAPI:
         except RegistryError as e:
             raise HTTPException(422, str(e)) from e
 
+    from fedge.server.console.routes import mount_console
+
+    mount_console(app, data_dir)  # the operators' web console under /console (own log-in)
     return app
 
 
