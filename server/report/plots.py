@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from fedge.server.report.data import RunData, series, site_bytes
 
 _RC = {"svg.fonttype": "path", "svg.hashsalt": "fedge", "font.size": 9.0}
-# At most this many sites get their own line in the per-site plot: a legend of hundreds helps
+# At most this many sites get their own bars in the per-site plot: a legend of hundreds helps
 # nobody (the per-site table has them all).
 MAX_SITE_LINES = 12
+_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,31 @@ def _svg(fig: object) -> bytes:
     return buf.getvalue()
 
 
+def _bytes_axis(ax: object) -> None:
+    from matplotlib.ticker import EngFormatter
+
+    ax.yaxis.set_major_formatter(EngFormatter(unit="B"))  # type: ignore[attr-defined]
+
+
+def _site_bars(
+    key: str, title: str, by_site: dict[str, tuple[list[int], list[int]]]
+) -> Plot | None:
+    """Grouped bars: one group per round, one bar per site (equal sites stay visible)."""
+    if not by_site:
+        return None
+    import matplotlib
+
+    with matplotlib.rc_context(_RC):
+        fig, ax = _figure(title, "bytes (down + up)")
+        width = 0.8 / len(by_site)
+        for i, (name, (xs, ys)) in enumerate(by_site.items()):
+            offset = (i - (len(by_site) - 1) / 2) * width
+            ax.bar([x + offset for x in xs], ys, width, label=name)  # type: ignore[attr-defined]
+        _bytes_axis(ax)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # type: ignore[attr-defined]
+        return Plot(key, title, _svg(fig))
+
+
 def _lines(
     key: str, title: str, ylabel: str, curves: list[tuple[str, list[int], list[float]]]
 ) -> Plot | None:
@@ -62,8 +88,13 @@ def _lines(
 
     with matplotlib.rc_context(_RC):
         fig, ax = _figure(title, ylabel)
-        for label, xs, ys in curves:
-            ax.plot(xs, ys, marker="o", label=label)  # type: ignore[attr-defined]
+        for i, (label, xs, ys) in enumerate(curves):
+            # Equal series (bytes down and up usually are) would hide each other: vary the
+            # line style and marker as well as the colour.
+            style = _STYLES[i % len(_STYLES)]
+            ax.plot(xs, ys, style[0], marker=style[1], label=label, alpha=0.85)  # type: ignore[attr-defined]
+        if ylabel == "bytes":
+            _bytes_axis(ax)
         if len(curves) > 1:
             ax.legend()  # type: ignore[attr-defined]
         return Plot(key, title, _svg(fig))
@@ -115,14 +146,6 @@ def run_plots(run: RunData) -> list[Plot]:
             ],
         ),
     ]
-    by_site = site_bytes(rows)
-    shown = list(by_site.items())[:MAX_SITE_LINES]
-    plots.append(
-        _lines(
-            "site-bytes",
-            "Bytes per site per round (down + up)",
-            "bytes",
-            [(name, xs, [float(y) for y in ys]) for name, (xs, ys) in shown],
-        )
-    )
+    shown = dict(list(site_bytes(rows).items())[:MAX_SITE_LINES])
+    plots.append(_site_bars("site-bytes", "Bytes per site per round", shown))
     return [p for p in plots if p is not None]
