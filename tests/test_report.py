@@ -89,9 +89,14 @@ def test_hostile_metrics_do_not_break_the_report(tmp_path: Path) -> None:
     assert "<html" in render_report(run)
 
 
-def test_not_a_run_dir(tmp_path: Path) -> None:
+def test_not_a_run_dir_and_bad_out_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a run directory"):
         load_run(tmp_path)
+    run = write_run(tmp_path / "run", ["s"])
+    with pytest.raises(ConfigError, match="is a directory"):
+        write_report(run, tmp_path)
+    with pytest.raises(ConfigError, match="not a bundle directory"):
+        write_report(run, tmp_path / "r.html", bundle=tmp_path)
 
 
 def test_cli_writes_the_report_and_fails_in_one_line(tmp_path: Path) -> None:

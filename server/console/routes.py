@@ -304,6 +304,7 @@ def console_router(registry_dir: Path, server_dir: Path | None = None) -> APIRou
         except FedgeError as e:
             return page(request, "error.html.j2", session, 400, message=str(e))
         log.warning("console: %s promoted %s to %s", session.user, version, channel)
+        del session.flash[:-4]  # a message per action; bounded if nobody reads them
         session.flash.append(
             f"channel {channel} now serves {version}"
             if changed
@@ -325,6 +326,7 @@ def console_router(registry_dir: Path, server_dir: Path | None = None) -> APIRou
         except FedgeError as e:
             return page(request, "error.html.j2", session, 400, message=str(e))
         log.warning("console: %s rolled %s back from %s to %s", session.user, channel, old, new)
+        del session.flash[:-4]
         session.flash.append(f"channel {channel} rolled back from {old} to {new}")
         return redirect("/registry")
 

@@ -170,7 +170,12 @@ def render_report(run_dir: Path | str, bundle: Path | None = None) -> str:
 def write_report(run_dir: Path | str, out: Path | None = None, bundle: Path | None = None) -> Path:
     """Write the report (default ``RUN_DIR/report.html``) atomically; returns its path."""
     out = out if out is not None else Path(run_dir) / "report.html"
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give a file name such as report.html")
     html = render_report(run_dir, bundle)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, html)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, html)
+    except OSError as e:
+        raise ConfigError(f"cannot write the report to {out}: {e.strerror or e}") from e
     return out.resolve()
