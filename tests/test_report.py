@@ -117,3 +117,27 @@ def test_cli_writes_the_report_and_fails_in_one_line(tmp_path: Path) -> None:
     )
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith("error:") and "not a run directory" in bad.stderr
+
+
+def test_fedge_run_prints_the_report_and_lists_the_run_in_the_console(tmp_path: Path) -> None:
+    import io
+    import json
+
+    from rich.console import Console
+
+    from fedge.cli.run import _print_report, _remember
+    from fedge.server.console.runs import indexed_runs
+    from fedge.shared.paths import server_data_dir
+
+    out = io.StringIO()
+    run = write_run(tmp_path / "run", ["s"])
+    _print_report(Console(file=out, width=400), run)
+    assert f"report: {(run / 'report.html').resolve().as_uri()}" in out.getvalue()
+    _print_report(Console(file=out, width=400), tmp_path / "elsewhere")
+    assert "run `fedge report" in out.getvalue()
+    _remember(run)  # no server started on this machine: nothing recorded
+    assert indexed_runs(server_data_dir()) == []
+    server_data_dir().mkdir(parents=True)
+    (server_data_dir() / "server.json").write_text(json.dumps({"address": "127.0.0.1:1"}))
+    _remember(run)
+    assert [r.run_dir for r in indexed_runs(server_data_dir())] == [run.resolve()]
