@@ -9,6 +9,7 @@ from fedge.server.operators import grant
 from fedge.server.registry.devices import DeviceStore, StatusReport
 from fedge.server.registry.publish import publish_bundle
 from fedge.server.registry.store import Registry
+from fedge.shared.paths import signing_key_path
 from tests.deploy_support import make_bundle, make_keys
 from tests.report_support import write_run
 
@@ -48,7 +49,8 @@ def make_coordinator(root: Path, site_names: list[str] | None = None) -> Coordin
             for i, n in enumerate(names)
         ],
     )
-    private, public = make_keys(root)
+    # The operator key at its default path: the registry signs channel changes with it.
+    private, public = make_keys(signing_key_path().parent)
     registry = Registry(registry_dir)
     publish_bundle(registry, make_bundle(root / "b1", private, "v1", seed=1), public, "stable")
     publish_bundle(registry, make_bundle(root / "b2", private, "v2", seed=2), public, None)
