@@ -1,6 +1,6 @@
-"""``fedge edge agent`` and ``fedge edge serve``: thin typer commands for deployment on a device.
+"""``fedge edge agent``, ``agent-clear-refusal``, ``serve``: thin typer commands on a device.
 
-``register(app)`` adds both to the ``fedge edge`` typer app. Torch-free: the
+``register(app)`` adds them to the ``fedge edge`` typer app. Torch-free: the
 heavy imports (onnxruntime via the runtime, uvicorn) happen inside the commands.
 """
 
@@ -67,6 +67,12 @@ def agent(
     ca: Annotated[Path | None, typer.Option(help="CA certificate to trust for the server.")] = None,
     interval: Annotated[float, typer.Option(min=0.05, help="Seconds between polls.")] = 10.0,
     once: Annotated[bool, typer.Option("--once", help="Poll once and exit.")] = False,
+    task: Annotated[
+        str | None, typer.Option(help="Task this device serves [default: the active bundle's].")
+    ] = None,
+    allow_task_change: Annotated[
+        bool, typer.Option(help="Accept a bundle for another task than the one served.")
+    ] = False,
 ) -> None:
     """Keep DIR on the channel's version: download, verify, self-test, activate, roll back."""
     from rich.console import Console
@@ -76,7 +82,15 @@ def agent(
 
     console = Console()
     config = AgentConfig(
-        server, channel, dir, read_token(token, token_file), _trusted_key(key), ca, interval
+        server,
+        channel,
+        dir,
+        read_token(token, token_file),
+        _trusted_key(key),
+        ca,
+        interval,
+        task=task,
+        allow_task_change=allow_task_change,
     )
 
     last: list[tuple[str, str | None, str | None]] = []
@@ -103,8 +117,29 @@ def agent(
     show(result)
     if result.action == "unreachable":
         raise ConnectionFailed(result.error or "registry unreachable")
-    if result.action in ("refused", "rolled-back"):
+    if result.action in ("refused", "rolled-back", "bad-answer"):
         raise BundleError(result.error or f"version {result.wanted_version} refused")
+
+
+def agent_clear_refusal(
+    dir: Annotated[Path, typer.Option("--dir", help="The agent's directory.")],
+    version: Annotated[
+        str | None, typer.Argument(help="Version to try again [default: --all].")
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Forget every refusal.")] = False,
+) -> None:
+    """Forget that the agent refused a version, so that its next poll tries it again."""
+    from rich.console import Console
+
+    from fedge.edge.device.activation import AgentDir
+    from fedge.shared.errors import ConfigError
+
+    if (version is None) != all_:
+        raise ConfigError("name one VERSION or pass --all")
+    agent_dir = AgentDir(dir)
+    with agent_dir.exclusive():
+        cleared = agent_dir.clear_refusals(version)
+    Console().print(f"cleared refusals: {', '.join(cleared) or 'none'}")
 
 
 def serve(
@@ -147,6 +182,7 @@ def serve(
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``agent`` and ``serve`` to the ``fedge edge`` typer app."""
+    """Add ``agent``, ``agent-clear-refusal`` and ``serve`` to the ``fedge edge`` typer app."""
     app.command("agent")(agent)
+    app.command("agent-clear-refusal")(agent_clear_refusal)
     app.command("serve")(serve)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from fedge.server.registry.fleet import DeviceView
@@ -36,6 +37,15 @@ DataDir = Annotated[
 ]
 
 
+SigningKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--signing-key",
+        help="Operator key that signs channel statements [default: FEDGE_HOME/keys/signing.key].",
+    ),
+]
+
+
 def _registry_dir(data_dir: Path | None) -> Path:
     from fedge.server.registry.publish import REGISTRY_SUBDIR, default_registry_dir
 
@@ -51,13 +61,14 @@ def publish(
     key: Annotated[
         Path | None, typer.Option(help="Signing public key [default: FEDGE_HOME/keys/signing.pub].")
     ] = None,
+    signing_key: SigningKey = None,
     data_dir: DataDir = None,
 ) -> None:
     """Verify a signed bundle and store it as an immutable version."""
     from fedge.server.registry.publish import default_public_key, publish_bundle
     from fedge.server.registry.store import Registry
 
-    registry = Registry(_registry_dir(data_dir))
+    registry = Registry(_registry_dir(data_dir), signing_key)
     with console.status(f"verifying and storing {bundle} ..."):
         record, created = publish_bundle(registry, bundle, key or default_public_key(), channel)
     what = "published" if created else "already published (same content)"
@@ -88,12 +99,16 @@ def list_versions(data_dir: DataDir = None) -> None:
 def promote(
     version: Annotated[str, typer.Argument(help="A published version.")],
     channel: Annotated[str, typer.Option(help="Channel to point at VERSION.")] = "stable",
+    rollback: Annotated[
+        bool, typer.Option("--rollback", help="Sign it as a deliberate downgrade.")
+    ] = False,
+    signing_key: SigningKey = None,
     data_dir: DataDir = None,
 ) -> None:
     """Point a channel at a published version (devices on it update on their next poll)."""
     from fedge.server.registry.store import Registry
 
-    changed = Registry(_registry_dir(data_dir)).promote(version, channel)
+    changed = Registry(_registry_dir(data_dir), signing_key).promote(version, channel, rollback)
     state = "now points at" if changed else "already pointed at"
     console.print(f"channel [bold]{channel}[/] {state} [bold]{version}[/]")
 
@@ -103,13 +118,31 @@ def rollback(
     channel: Annotated[
         str, typer.Option(help="Channel to return to its previous version.")
     ] = "stable",
+    signing_key: SigningKey = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Return a channel to the version it had before (the history is kept)."""
+    """Return a channel to the version it had before (a signed rollback; history is kept)."""
     from fedge.server.registry.store import Registry
 
-    old, new = Registry(_registry_dir(data_dir)).rollback(channel)
+    old, new = Registry(_registry_dir(data_dir), signing_key).rollback(channel)
     console.print(f"channel [bold]{channel}[/] rolled back: {old} -> [bold]{new}[/]")
+
+
+@registry_app.command()
+def refresh(
+    channel: Annotated[str, typer.Option(help="Channel whose statement to sign again.")] = "stable",
+    days: Annotated[float, typer.Option(min=0.01, help="Days the new statement is valid.")] = 30.0,
+    signing_key: SigningKey = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Sign a channel's statement again with a new expiry (run it well before it expires)."""
+    from fedge.server.registry.store import Registry
+
+    statement = Registry(_registry_dir(data_dir), signing_key, days).refresh(channel)
+    console.print(
+        f"channel [bold]{channel}[/] -> {statement.version} signed again "
+        f"(sequence {statement.sequence}, expires {statement.expires_at})"
+    )
 
 
 @registry_app.command()
@@ -152,12 +185,16 @@ def device_add(
     token_file: Annotated[
         Path | None, typer.Option(help="Write the token here (mode 0600) instead of printing it.")
     ] = None,
+    channel: Annotated[
+        list[str] | None,
+        typer.Option("--channel", help="A channel it may follow (repeat) [default: stable]."),
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Enroll a device; its token is shown once and stored only as a hash."""
     from fedge.server.registry.devices import DeviceStore
 
-    token = DeviceStore(_registry_dir(data_dir)).add(name)
+    token = DeviceStore(_registry_dir(data_dir)).add(name, tuple(channel or ["stable"]))
     _hand_over_token(name, token, token_file)
 
 
@@ -172,6 +209,21 @@ def device_rotate(
 
     token = DeviceStore(_registry_dir(data_dir)).rotate(name)
     _hand_over_token(name, token, token_file)
+
+
+@device_app.command("channels")
+def device_channels(
+    name: Annotated[str, typer.Argument(help="Device name.")],
+    channel: Annotated[
+        list[str], typer.Option("--channel", help="A channel it may follow (repeat).")
+    ],
+    data_dir: DataDir = None,
+) -> None:
+    """Set the channels a device may follow (and download the versions of)."""
+    from fedge.server.registry.devices import DeviceStore
+
+    allowed = DeviceStore(_registry_dir(data_dir)).set_channels(name, tuple(channel))
+    console.print(f"device [bold]{name}[/] may follow: {', '.join(allowed)}")
 
 
 @device_app.command("revoke")
@@ -190,9 +242,9 @@ def device_list(data_dir: DataDir = None) -> None:
     """Show enrolled devices (never their tokens)."""
     from fedge.server.registry.devices import DeviceStore
 
-    table = Table("device", "enrolled", "revoked")
+    table = Table("device", "channels", "enrolled", "revoked")
     for d in DeviceStore(_registry_dir(data_dir)).list():
-        table.add_row(d.name, d.created_at, d.revoked_at or "")
+        table.add_row(d.name, ", ".join(d.channels), d.created_at, d.revoked_at or "")
     console.print(table)
 
 
@@ -207,6 +259,13 @@ def _hand_over_token(name: str, token: str, token_file: Path | None) -> None:
     typer.echo(token)
 
 
+def _safe(value: object) -> Text:
+    """What a device reported, as plain text: no markup, control characters escaped."""
+    from fedge.shared.fleet_protocol import printable
+
+    return Text("-" if value is None else printable(str(value)))
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -219,9 +278,9 @@ def fleet_table(views: "list[DeviceView]") -> Table:
         table.add_row(
             v.name,
             v.state,
-            v.channel or "-",
-            v.active_version or "-",
-            v.health or "-",
+            _safe(v.channel),
+            _safe(v.active_version),
+            _safe(v.health),
             "never" if ago is None else f"{ago:.0f}s ago",
             _ms(v.latency_p50_ms),
             _ms(v.latency_p99_ms),
@@ -249,7 +308,7 @@ def fleet_show(
     for key, value in view.to_dict().items():
         if key == "detail":
             for sub, item in sorted(value.items()):
-                table.add_row(f"detail.{sub}", str(item))
+                table.add_row(_safe(f"detail.{sub}"), _safe(item))
         else:
-            table.add_row(key, "-" if value is None else str(value))
+            table.add_row(key, _safe(value))
     console.print(table)

@@ -24,6 +24,18 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root``, so that renaming ``root`` is durable."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(Path(dirpath) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
 @contextmanager
 def atomic_path(target: Path | str, mode: int = 0o644) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it into place.

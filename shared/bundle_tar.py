@@ -19,6 +19,11 @@ from fedge.shared.errors import BundleError
 
 MANIFEST_NAME = "manifest.json"
 MAX_UNPACKED_BYTES = 4 << 30  # 4 GiB: larger than any edge model, smaller than a full disk
+# tarfile reads a pax or GNU long-name record whole into memory, whatever size its header
+# claims; fedge's own tars need a few hundred bytes of them.
+MAX_EXTENDED_HEADER_BYTES = 8 << 10
+_EXTENDED_TYPES = (b"x", b"g", b"L", b"K")
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
 
 
 def _bundle_files(bundle_dir: Path) -> list[str]:
@@ -95,14 +100,59 @@ def _plan(
         if parts in seen:
             raise BundleError(f"{tar_path}: {'/'.join(parts)} appears twice; refusing the archive")
         seen.add(parts)
+    # A file `artifacts` beside `artifacts/x` cannot both be written: refuse, don't crash.
+    folders = {parts[:i] for parts in seen for i in range(1, len(parts))}
+    clash = sorted(folders & seen)
+    if clash:
+        name = "/".join(clash[0])
+        raise BundleError(f"{tar_path}: {name} is both a file and a folder; refusing the archive")
     if (MANIFEST_NAME,) not in seen:
         raise BundleError(f"{tar_path} does not contain a bundle ({MANIFEST_NAME} is missing)")
     return files
 
 
+def _header_size(field: bytes) -> int | None:
+    """The size field of a tar header (octal, or base-256 with the top bit set); None if junk."""
+    if field[:1] and field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    text = field.replace(b"\0", b" ").strip() or b"0"
+    try:
+        return int(text, 8)
+    except ValueError:
+        return None  # not a tar header: tarfile will say so
+
+
+def check_headers(tar_path: Path, max_extended: int = MAX_EXTENDED_HEADER_BYTES) -> None:
+    """Walk the raw 512-byte headers and refuse oversized pax/long-name records.
+
+    Raises
+    ------
+    BundleError
+        A compressed archive (fedge's tars never are), or an extended header over
+        ``max_extended`` bytes.
+    """
+    with open(tar_path, "rb") as handle:
+        if handle.read(6).startswith(_COMPRESSED_MAGIC):
+            raise BundleError(
+                f"{tar_path} is compressed; bundle archives are plain tars (`fedge` writes them so)"
+            )
+        handle.seek(0)
+        while len(block := handle.read(512)) == 512 and block.strip(b"\0"):
+            size = _header_size(block[124:136])
+            if size is None:
+                return
+            if block[156:157] in _EXTENDED_TYPES and size > max_extended:
+                raise BundleError(
+                    f"{tar_path}: an extended (pax) header claims {size} bytes, over the "
+                    f"{max_extended}-byte limit; refusing the archive"
+                )
+            handle.seek((size + 511) // 512 * 512, os.SEEK_CUR)
+
+
 def _open_tar(tar_path: Path) -> tarfile.TarFile:
     try:
-        return tarfile.open(tar_path, "r:*")
+        check_headers(tar_path)
+        return tarfile.open(tar_path, "r:")
     except FileNotFoundError as e:
         raise BundleError(f"bundle archive {tar_path} does not exist") from e
     except (tarfile.TarError, OSError) as e:
@@ -142,6 +192,8 @@ def unpack_bundle(
         os.replace(staging, dest_dir)
     except (tarfile.TarError, EOFError) as e:
         raise BundleError(f"{tar_path} is truncated or corrupt: {e}") from e
+    except (NotADirectoryError, IsADirectoryError, FileExistsError) as e:
+        raise BundleError(f"{tar_path}: members collide on disk ({e}); refusing it") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dest_dir

@@ -121,7 +121,7 @@ def test_corrupt_download_refused_and_old_version_kept(env: Env) -> None:
 
 
 def test_compromised_server_cannot_push_a_modified_bundle(env: Env) -> None:
-    """The server rewrites the tar AND its recorded hash: only the signature stands in the way."""
+    """The server rewrites the tar AND its recorded hash: the operator's signed statement holds."""
     env.publish("v1")
     env.poll("cam-1")
     env.publish("v2", seed=2)
@@ -137,7 +137,7 @@ def test_compromised_server_cannot_push_a_modified_bundle(env: Env) -> None:
         )
     result = env.poll("cam-1")
     assert (result.action, result.active_version) == ("refused", "v1")
-    assert "does not match its sha256 in manifest.json" in (result.error or "")
+    assert "does not match the sha256 the operator signed" in (result.error or "")
     assert sorted(p.name for p in (env.tmp / "devices/cam-1/versions").iterdir()) == ["v1"]
 
 

@@ -186,8 +186,10 @@ def test_cli_round_trip(tmp_path: Path, keys) -> None:
     run(registry_app, "publish", str(b2), "--channel", "canary", "--key", str(public))
     assert (tmp_path / "registry" / "registry.sqlite").is_file()
     assert "v2" in run(registry_app, "list")
-    run(registry_app, "promote", "v2", "--channel", "stable")
-    assert "v2 -> v1" in run(registry_app, "rollback", "--channel", "stable")
+    signer = ("--signing-key", str(private))
+    run(registry_app, "promote", "v2", "--channel", "stable", *signer)
+    assert "v2 -> v1" in run(registry_app, "rollback", "--channel", "stable", *signer)
+    assert "sequence" in run(registry_app, "refresh", "--channel", "stable", *signer)
     history = run(registry_app, "history", "--channel", "stable")
     assert "promote" in history and history.count("stable") == 2
     token_file = tmp_path / "cam.token"

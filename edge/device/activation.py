@@ -5,7 +5,8 @@ Layout::
     DIR/versions/<version>/   a verified bundle, moved in whole by one rename
     DIR/current               symlink -> versions/<version> (what ``edge serve`` runs)
     DIR/incoming/             downloads in progress (emptied at start)
-    DIR/state.json            previous version, refused versions, measured latency
+    DIR/state.json            previous version, refused versions, latency, and the release
+                              floor and statement sequences that stop downgrades
 
 ``current`` is replaced with ``os.replace`` of a freshly made symlink, which is
 atomic on POSIX: after a power cut it points at the old or the new version,
@@ -24,8 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fedge.shared.atomic import atomic_write_json, fsync_dir
-from fedge.shared.errors import ConfigError
+from fedge.shared.atomic import atomic_write_json, fsync_dir, fsync_tree
+from fedge.shared.errors import BundleError, ConfigError
+from fedge.shared.fleet_protocol import is_version
 
 CURRENT = "current"
 VERSIONS = "versions"
@@ -72,6 +74,9 @@ class AgentDir:
     # -- versions ------------------------------------------------------------------------------
 
     def version_dir(self, version: str) -> Path:
+        """``versions/<version>``; the name comes from the network, so it is checked first."""
+        if not is_version(version):
+            raise BundleError(f"version name {version[:80]!r} is not safe as a directory name")
         return self.versions / version
 
     def installed(self) -> list[str]:
@@ -96,7 +101,7 @@ class AgentDir:
             trash = self.versions / f".trash-{uuid.uuid4().hex}"
             os.rename(target, trash)
             shutil.rmtree(trash, ignore_errors=True)
-        _fsync_tree(staged)
+        fsync_tree(staged)
         os.rename(staged, target)
         fsync_dir(self.versions)
         os.utime(target)
@@ -147,6 +152,31 @@ class AgentDir:
     def save_state(self, state: dict[str, Any]) -> None:
         atomic_write_json(self.state_path, state)
 
+    def refusals(self) -> dict[str, dict[str, Any]]:
+        """Versions this agent refused, with the tar sha256 and the reason."""
+        refused = self.load_state().get("refused")
+        return dict(refused) if isinstance(refused, dict) else {}
+
+    def clear_refusals(self, version: str | None = None) -> list[str]:
+        """Forget the refusal of ``version`` (all when None): the next poll tries it again.
+
+        Raises
+        ------
+        ConfigError
+            ``version`` was not refused.
+        """
+        state = self.load_state()
+        refused = state.get("refused") if isinstance(state.get("refused"), dict) else {}
+        if version is not None and version not in refused:
+            known = ", ".join(sorted(refused)) or "none"
+            raise ConfigError(f"version {version!r} is not refused here (refused: {known})")
+        cleared = [version] if version is not None else sorted(refused)
+        for name in cleared:
+            refused.pop(name, None)
+        state["refused"] = refused
+        self.save_state(state)
+        return cleared
+
     def serve_stats(self, max_age_s: float) -> dict[str, Any] | None:
         """Latency figures ``edge serve --agent-dir`` wrote, if fresh enough to report."""
         try:
@@ -157,15 +187,3 @@ class AgentDir:
             return None
         # Before its first request the server has no latency to report.
         return data if isinstance(data, dict) and "p50" in data else None
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under ``root`` before it is renamed into place."""
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fd = os.open(Path(dirpath) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))

@@ -1,12 +1,18 @@
 """The over-the-air update agent: poll the registry, verify, self-test, activate, roll back.
 
-One poll (``run_agent_once``): ask the registry which version the channel wants;
-if it differs from the active one, download the tar into ``incoming/``, check
-its sha256, unpack it, verify its signature and hashes against the one trusted
-key, self-test every artifact this device can run, install it with one rename
-and swap ``current``; then load it again through ``current`` as a health check
-and roll back to the previous version if that fails. A refused version is
-remembered (not downloaded again every poll) and reported. Torch-free.
+One poll (``run_agent_once``): ask the registry which version the channel wants
+and check the operator's signed channel statement that comes with the answer
+(signature, channel, sequence never going back, not expired, release not older
+than the highest this device ran unless it is a signed rollback, same task);
+if it names another version than the active one, download at most the signed
+size into ``incoming/`` while hashing, check the signed sha256, unpack it,
+verify its signature and hashes against the one trusted key, self-test every
+artifact this device can run, install it with one rename and swap ``current``;
+then load it again through ``current`` as a health check and roll back to the
+previous version if that fails. A refused build (version + tar sha256) is
+remembered, not downloaded again every poll, and reported; a new build of the
+version or ``fedge edge agent-clear-refusal`` lifts it. Nothing a registry
+sends makes ``poll`` raise, except a refused token. Torch-free.
 """
 
 import hashlib
@@ -25,9 +31,17 @@ import httpx
 import numpy as np
 
 from fedge.edge.device.activation import AgentDir
-from fedge.shared.bundle import self_test_inputs, unpack_bundle, verify_bundle
+from fedge.shared.bundle import MANIFEST, self_test_inputs, unpack_bundle, verify_bundle
 from fedge.shared.errors import BundleError, ConnectionFailed, FedgeError, SecurityError
-from fedge.shared.signing import load_public_key
+from fedge.shared.fleet_protocol import (
+    ChannelStatement,
+    CurrentVersion,
+    ProtocolError,
+    StatusReport,
+    bundle_download_path,
+    parse_json,
+)
+from fedge.shared.signing import Ed25519PublicKey, load_public_key
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +62,18 @@ class AgentConfig:
     interval: float = 10.0
     timeout: float = 60.0
     keep_versions: int = 3
+    # The task this device serves (None: the task of the active bundle, once there is one);
+    # a bundle for another task is refused unless allow_task_change.
+    task: str | None = None
+    allow_task_change: bool = False
 
 
 @dataclass(frozen=True)
 class AgentResult:
     """The outcome of one poll."""
 
-    action: str  # up-to-date | activated | refused | rolled-back | no-version | unreachable
+    # up-to-date | activated | refused | rolled-back | no-version | unreachable | bad-answer
+    action: str
     active_version: str | None
     wanted_version: str | None
     health: str  # ok | degraded | failed | no-model
@@ -120,6 +139,22 @@ def measure_latency(bundle_dir: Path, trusted_key: Path, runs: int = 30) -> dict
     return {"p50": float(np.percentile(times, 50)), "p99": float(np.percentile(times, 99))}
 
 
+class StatementRefused(BundleError):
+    """The registry's answer is not backed by a valid, fresh operator statement."""
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What the channel serves, as the operator signed it."""
+
+    answer: CurrentVersion
+    statement: ChannelStatement
+
+    @property
+    def version(self) -> str:
+        return self.statement.version
+
+
 class Agent:
     """State and steps of one agent; ``poll`` is one iteration of the loop."""
 
@@ -134,34 +169,53 @@ class Agent:
         self.client = client or make_client(config)
         self.health_check = health_check or default_health_check
         # Fail now on a missing or wrong trusted key, not as a "refused" bundle later.
-        load_public_key(config.trusted_key)
+        self.key: Ed25519PublicKey = load_public_key(config.trusted_key)
         self.dir.prepare()
 
     def poll(self) -> AgentResult:
-        """Ask, update if needed, report. Network failures are results, not exceptions.
+        """Ask, update if needed, report. Whatever the registry sends is a result, not a raise.
 
         Raises
         ------
         SecurityError
-            The registry refused this device's token (401 unknown, 403 revoked).
+            The registry refused this device's token (401 unknown, 403 revoked), or the
+            trusted key is unusable.
         """
+        try:
+            result = self._poll()
+        except SecurityError:
+            raise
+        except Exception as e:  # a bug or an OS error must not end the agent's loop
+            log.exception("poll failed")
+            active = self.dir.active()
+            result = AgentResult("refused", active, None, _degraded(active), _brief(e))
+        return self._report(result)
+
+    def _poll(self) -> AgentResult:
         state = self.dir.load_state()
+        active = self.dir.active()
         try:
             wanted = self._wanted()
         except ConnectionFailed as e:
-            active = self.dir.active()
             return AgentResult("unreachable", active, None, _health(active), str(e))
+        except (ProtocolError, StatementRefused) as e:
+            log.warning("registry answer refused: %s", e)
+            return AgentResult("bad-answer", active, None, _degraded(active), str(e))
         if wanted is None:
-            result = AgentResult("no-version", self.dir.active(), None, _health(self.dir.active()))
-        elif wanted["version"] == self.dir.active():
-            result = AgentResult("up-to-date", wanted["version"], wanted["version"], "ok")
-        elif _refused(state, wanted):
-            active = self.dir.active()
-            error = state["refused"][wanted["version"]]["error"]
-            result = AgentResult("refused", active, wanted["version"], _degraded(active), error)
-        else:
-            result = self._update(wanted, state)
-        return self._report(result)
+            return AgentResult("no-version", active, None, _health(active))
+        try:
+            self._check_statement(wanted.statement, state, active)
+        except StatementRefused as e:
+            log.warning("refusing the channel statement for %s: %s", wanted.version, e)
+            return AgentResult("refused", active, wanted.version, _degraded(active), str(e))
+        if wanted.version == active:
+            self._remember_statement(state, wanted.statement)
+            self.dir.save_state(state)
+            return AgentResult("up-to-date", active, active, "ok")
+        refusal = _refusal(state, wanted.statement)
+        if refusal is not None:
+            return AgentResult("refused", active, wanted.version, _degraded(active), refusal)
+        return self._update(wanted, state)
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -178,22 +232,90 @@ class Agent:
         if response.status_code == 403:
             raise SecurityError(
                 f"the registry refused this device (403): {_detail(response)}",
-                hint="the device was revoked; ask the operator",
+                hint="the device was revoked, or may not follow this channel; ask the operator",
             )
         return response
 
-    def _wanted(self) -> dict[str, Any] | None:
+    def _wanted(self) -> Wanted | None:
         response = self._request("GET", f"/v1/channels/{self.config.channel}/current")
         if response.status_code == 404:
             return None
         if response.status_code != 200:
             raise ConnectionFailed(f"registry answered {response.status_code}: {_detail(response)}")
-        return dict(response.json())
-
-    def _update(self, wanted: dict[str, Any], state: dict[str, Any]) -> AgentResult:
-        version, previous = str(wanted["version"]), self.dir.active()
+        if len(response.content) > 64 << 10:
+            raise ProtocolError("the registry's answer is over 64 KiB")
+        answer = CurrentVersion.from_dict(parse_json(response.content, "the registry's answer"))
+        signed = answer.signed()
+        if signed is None:
+            raise StatementRefused(
+                f"the registry sent version {answer.version} without a signed channel statement",
+                hint="on the server: `fedge registry refresh --channel CHANNEL`",
+            )
         try:
-            staged = self._local_copy(version) or self._download(wanted)
+            statement = signed.verify(self.key)
+        except SecurityError as e:  # the answer's fault, not the device's key
+            raise StatementRefused(str(e), hint=e.hint) from e
+        if statement.version != answer.version:
+            raise StatementRefused(
+                f"the registry announced {answer.version} but the operator signed "
+                f"{statement.version}"
+            )
+        return Wanted(answer, statement)
+
+    def _check_statement(
+        self, statement: ChannelStatement, state: dict[str, Any], active: str | None
+    ) -> None:
+        """Refuse replayed, stale, foreign-channel, other-task and downgrading statements."""
+        if statement.channel != self.config.channel:
+            raise StatementRefused(
+                f"the statement is for channel {statement.channel!r}, this device follows "
+                f"{self.config.channel!r}"
+            )
+        seen = state.get("statements", {}).get(statement.channel, {})
+        last = int(seen.get("sequence", 0))
+        if statement.sequence < last:
+            raise StatementRefused(
+                f"the registry replays an old statement (sequence {statement.sequence} < {last}"
+                f" already seen); refusing version {statement.version}"
+            )
+        if statement.sequence == last and seen.get("sha256") != _statement_sha(statement):
+            raise StatementRefused(f"two different statements carry sequence {last}")
+        if statement.expired():
+            raise StatementRefused(
+                f"the channel statement expired at {statement.expires_at} (a frozen or stale "
+                "registry); keeping the active version",
+                hint="the operator re-signs with `fedge registry refresh --channel CHANNEL`",
+            )
+        if statement.version == active:
+            return
+        floor = int(state.get("highest_release", 0))
+        if statement.release < floor and not statement.is_rollback:
+            raise StatementRefused(
+                f"version {statement.version} (release {statement.release}) is older than "
+                f"release {floor} this device already ran, and the operator did not sign it as "
+                "a rollback; refusing the downgrade",
+                hint="to go back on purpose: `fedge registry rollback` or `fedge registry "
+                "promote VERSION --rollback`",
+            )
+        expected = self.config.task or state.get("task")
+        if expected and statement.task != expected and not self.config.allow_task_change:
+            raise StatementRefused(
+                f"version {statement.version} is for task {statement.task!r}, this device "
+                f"serves {expected!r}; refusing it",
+                hint="start the agent with --allow-task-change to switch tasks on purpose",
+            )
+
+    def _remember_statement(self, state: dict[str, Any], statement: ChannelStatement) -> None:
+        state.setdefault("statements", {})[statement.channel] = {
+            "sequence": statement.sequence,
+            "sha256": _statement_sha(statement),
+        }
+
+    def _update(self, wanted: Wanted, state: dict[str, Any]) -> AgentResult:
+        statement = wanted.statement
+        version, previous = statement.version, self.dir.active()
+        try:
+            staged = self._local_copy(statement) or self._download(statement)
             self.health_check(staged, self.config.trusted_key)
             if staged.parent == self.dir.incoming:
                 self.dir.install(staged, version)
@@ -203,14 +325,11 @@ class Agent:
             # Transient: try again next poll rather than remembering a refusal.
             log.warning("could not fetch version %s: %s", version, e)
             return AgentResult("unreachable", previous, version, _health(previous), str(e))
-        except FedgeError as e:
-            log.warning("refusing version %s: %s", version, e)
-            state.setdefault("refused", {})[version] = {
-                "tar_sha256": wanted.get("tar_sha256"),
-                "error": str(e),
-            }
-            self.dir.save_state(state)
-            return AgentResult("refused", previous, version, _degraded(previous), str(e))
+        except Exception as e:  # anything a bundle or the disk does is a refusal
+            message = str(e) if isinstance(e, FedgeError) else _brief(e)
+            log.warning("refusing version %s: %s", version, message)
+            self._refuse(state, statement, message)
+            return AgentResult("refused", previous, version, _degraded(previous), message)
         finally:
             self._clear_incoming()
 
@@ -219,21 +338,37 @@ class Agent:
             # Check what `current` now serves, the way `edge serve` will load it.
             self.health_check(self.dir.current_link, self.config.trusted_key)
         except FedgeError as e:
-            return self._roll_back(version, previous, state, e)
+            return self._roll_back(statement, previous, state, e)
         try:
             state["latency"] = measure_latency(self.dir.current_link, self.config.trusted_key)
         except Exception as e:  # a figure for the fleet view; never a reason to roll back
             log.warning("could not measure latency of %s: %s", version, e)
         state["previous"] = previous
+        state["highest_release"] = max(int(state.get("highest_release", 0)), statement.release)
+        state["task"] = statement.task
+        self._remember_statement(state, statement)
         state.get("refused", {}).pop(version, None)
         self.dir.save_state(state)
         self.dir.prune(self.config.keep_versions, {version, *([previous] if previous else [])})
         log.info("activated version %s (was %s)", version, previous)
         return AgentResult("activated", version, version, "ok")
 
+    def _refuse(self, state: dict[str, Any], statement: ChannelStatement, message: str) -> None:
+        """Remember a refused build: its tar sha256 lets a new build of the version through."""
+        state.setdefault("refused", {})[statement.version] = {
+            "tar_sha256": statement.tar_sha256,
+            "error": message[:2000],
+        }
+        self.dir.save_state(state)
+
     def _roll_back(
-        self, version: str, previous: str | None, state: dict[str, Any], error: FedgeError
+        self,
+        statement: ChannelStatement,
+        previous: str | None,
+        state: dict[str, Any],
+        error: FedgeError,
     ) -> AgentResult:
+        version = statement.version
         message = f"version {version} failed its health check after activation: {error}"
         log.error("%s; rolling back to %s", message, previous)
         if previous is not None:
@@ -241,31 +376,31 @@ class Agent:
         else:
             self.dir.deactivate()
         self.dir.remove(version)
-        state.setdefault("refused", {})[version] = {"tar_sha256": None, "error": message}
-        self.dir.save_state(state)
+        self._refuse(state, statement, message)
         return AgentResult("rolled-back", previous, version, _degraded(previous), message)
 
-    def _local_copy(self, version: str) -> Path | None:
-        """An installed copy of ``version`` (a channel rollback) that still verifies."""
-        path = self.dir.version_dir(version)
+    def _local_copy(self, statement: ChannelStatement) -> Path | None:
+        """An installed copy of the signed version (a channel rollback) that still verifies."""
+        path = self.dir.version_dir(statement.version)
         if not path.is_dir():
             return None
         try:
-            verify_bundle(path, self.config.trusted_key)
+            verify_bundle(path, self.key)
+            _check_matches(path, statement)
         except BundleError as e:
-            log.warning("installed copy of %s no longer verifies (%s); downloading it", version, e)
+            log.warning("installed copy of %s does not match (%s); downloading it", path.name, e)
             return None
         return path
 
-    def _download(self, wanted: dict[str, Any]) -> Path:
-        """Stream the tar into ``incoming/``, check its sha256, unpack and verify it."""
-        version, size = str(wanted["version"]), int(wanted["tar_size"])
+    def _download(self, statement: ChannelStatement) -> Path:
+        """Stream at most the signed size into ``incoming/`` while hashing; unpack and verify."""
+        version, size = statement.version, statement.tar_size
         if size > MAX_DOWNLOAD_BYTES:
             raise BundleError(f"bundle {version} is {size} bytes, over the download limit")
         tar = self.dir.incoming / f"{uuid.uuid4().hex}.tar"
         digest, received = hashlib.sha256(), 0
         try:
-            with self.client.stream("GET", str(wanted["download_path"])) as response:
+            with self.client.stream("GET", bundle_download_path(version)) as response:
                 if response.status_code != 200:
                     raise ConnectionFailed(
                         f"download of {version} failed: HTTP {response.status_code}"
@@ -274,23 +409,23 @@ class Agent:
                     for chunk in response.iter_bytes(1 << 20):
                         received += len(chunk)
                         if received > size:
-                            raise BundleError(f"download of {version} is larger than announced")
+                            raise BundleError(
+                                f"download of {version} is larger than the {size} bytes the "
+                                "operator signed; stopped"
+                            )
                         digest.update(chunk)
                         out.write(chunk)
         except httpx.HTTPError as e:
             raise ConnectionFailed(f"download of {version} interrupted: {e}") from e
-        if received != size or digest.hexdigest() != wanted["tar_sha256"]:
+        if received != size or digest.hexdigest() != statement.tar_sha256:
             raise BundleError(
-                f"download of {version} does not match the registry's sha256 (corrupt in transit "
-                "or on the server); refusing it"
+                f"download of {version} does not match the sha256 the operator signed (corrupt "
+                "in transit or on the server); refusing it"
             )
-        staged = unpack_bundle(tar, self.dir.incoming / uuid.uuid4().hex)
-        manifest = verify_bundle(staged, self.config.trusted_key)
-        if manifest.version != version:
-            raise BundleError(
-                f"the registry announced version {version} but sent a bundle signed as "
-                f"{manifest.version}; refusing it"
-            )
+        staged = unpack_bundle(tar, self.dir.incoming / uuid.uuid4().hex, max_bytes=size)
+        tar.unlink()
+        verify_bundle(staged, self.key)
+        _check_matches(staged, statement)
         return staged
 
     def _clear_incoming(self) -> None:
@@ -305,21 +440,21 @@ class Agent:
         latency = self.dir.serve_stats(max_age_s=max(120.0, 3 * self.config.interval))
         source = "serve" if latency else "self-test"
         latency = latency or state.get("latency") or {}
-        body = {
-            "channel": self.config.channel,
-            "active_version": result.active_version,
-            "health": result.health,
-            "latency_p50_ms": latency.get("p50"),
-            "latency_p99_ms": latency.get("p99"),
-            "last_error": (result.error or "")[:2000] or None,
-            "detail": {
+        report = StatusReport(
+            channel=self.config.channel,
+            active_version=result.active_version,
+            health=result.health,
+            latency_p50_ms=_finite(latency.get("p50")),
+            latency_p99_ms=_finite(latency.get("p99")),
+            last_error=_printable_error(result.error),
+            detail={
                 "action": result.action,
                 "wanted": result.wanted_version,
                 "latency_source": source if latency else None,
             },
-        }
+        )
         try:
-            response = self._request("POST", "/v1/devices/me/status", json=body)
+            response = self._request("POST", "/v1/devices/me/status", json=report.to_dict())
         except ConnectionFailed as e:
             log.warning("status report failed: %s", e)
             return result
@@ -332,6 +467,20 @@ class Agent:
         self.client.close()
 
 
+def _check_matches(bundle_dir: Path, statement: ChannelStatement) -> None:
+    """The verified bundle must be the one the operator's statement names."""
+    manifest_sha = hashlib.sha256((bundle_dir / MANIFEST).read_bytes()).hexdigest()
+    if manifest_sha != statement.manifest_sha256:
+        raise BundleError(
+            f"the bundle sent as {statement.version} is not the one the operator signed for the "
+            "channel (manifest sha256 differs); refusing it"
+        )
+
+
+def _statement_sha(statement: ChannelStatement) -> str:
+    return hashlib.sha256(statement.canonical()).hexdigest()
+
+
 def _health(active: str | None) -> str:
     return "ok" if active else "no-model"
 
@@ -340,16 +489,38 @@ def _degraded(active: str | None) -> str:
     return "degraded" if active else "failed"
 
 
-def _refused(state: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    entry = state.get("refused", {}).get(str(wanted["version"]))
-    # A refusal after activation has no tar hash: the version is refused whatever is served.
-    return entry is not None and entry.get("tar_sha256") in (None, wanted.get("tar_sha256"))
+def _refusal(state: dict[str, Any], statement: ChannelStatement) -> str | None:
+    """The remembered error if this exact build (version + tar sha256) was refused before."""
+    entry = state.get("refused", {}).get(statement.version)
+    if not isinstance(entry, dict) or entry.get("tar_sha256") != statement.tar_sha256:
+        return None  # never refused, or the registry now serves a new build: try it
+    return str(entry.get("error") or "refused earlier")
+
+
+def _brief(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:500]
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if 0 <= number < 1e7 else None
+
+
+def _printable_error(text: str | None) -> str | None:
+    """An error message the registry accepts: printable, at most 2000 characters."""
+    if not text:
+        return None
+    cleaned = "".join(ch if ch.isprintable() or ch in "\n\t" else "?" for ch in text)
+    return cleaned[:2000]
 
 
 def _detail(response: httpx.Response) -> str:
     try:
         return str(response.json().get("detail", response.text))[:300]
-    except ValueError:
+    except (ValueError, AttributeError):
         return response.text[:300]
 
 
@@ -402,7 +573,7 @@ def run_agent(
         agent = Agent(config)
         try:
             while not stop.is_set():
-                result = agent.poll()
+                result = agent.poll()  # never raises but for a refused token or key
                 if on_result is not None:
                     on_result(result)
                 # Jitter keeps a fleet that was started together from polling in lockstep.

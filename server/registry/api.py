@@ -6,55 +6,44 @@ writes the registry's SQLite directly on the server machine, so there is no
 operator credential to leak and no extra attack surface.
 """
 
+import json
 import logging
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException
+import anyio
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, TypeAdapter
 
-from fedge.server.registry.devices import (
-    Device,
-    DeviceRevoked,
-    DeviceStore,
-    DeviceUnknown,
-    StatusReport,
-)
+from fedge.server.registry.devices import Device, DeviceRevoked, DeviceStore, DeviceUnknown
 from fedge.server.registry.store import Registry
 from fedge.shared.errors import ConfigError, RegistryError
+from fedge.shared.fleet_protocol import (
+    API_PREFIX,
+    CurrentVersion,
+    ProtocolError,
+    StatusReport,
+    bundle_download_path,
+    is_channel,
+    is_version,
+    parse_json,
+)
 
 log = logging.getLogger(__name__)
 
-API_PREFIX = "/v1"
+# No device message is anywhere near this; a larger body is refused before it is read.
+MAX_BODY_BYTES = 64 << 10
 
-
-class CurrentVersion(BaseModel):
-    """The version a channel points at, and how to fetch and check it."""
-
-    channel: str
-    version: str
-    bundle_id: str
-    tar_sha256: str = Field(description="sha256 of the tar; the signature is still checked")
-    tar_size: int
-    download_path: str
-
-
-class StatusBody(BaseModel):
-    """A device's report, sent on every poll."""
-
-    channel: str = Field(max_length=64)
-    active_version: str | None = Field(default=None, max_length=128)
-    health: Literal["ok", "degraded", "failed", "no-model"]
-    latency_p50_ms: float | None = Field(default=None, ge=0)
-    latency_p99_ms: float | None = Field(default=None, ge=0)
-    last_error: str | None = Field(default=None, max_length=2000)
-    detail: dict[str, str | int | float | bool | None] | None = Field(
-        default=None, description="small key/value facts (agent version, runtime, events)"
-    )
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class DeviceInfo(BaseModel):
@@ -62,6 +51,79 @@ class DeviceInfo(BaseModel):
 
     name: str
     created_at: str
+    channels: list[str]
+
+
+async def _answer(
+    send: Send, status: int, detail: str, headers: dict[str, str] | None = None
+) -> None:
+    body = json.dumps({"detail": detail}).encode("utf-8")
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    """Authenticate ``/v1/*`` from the headers and bound the body, before any routing or parsing.
+
+    FastAPI reads and validates a body before it runs dependencies, so a token check in
+    a dependency comes too late: an anonymous caller could make the server hold and parse
+    any amount of data. Here the token is checked first, then at most ``max_body`` bytes
+    are read (``Content-Length`` and the bytes actually streamed), then the app runs.
+    """
+
+    def __init__(self, app: ASGIApp, devices: DeviceStore, max_body: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.devices = devices
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > self.max_body:
+            await _answer(send, 413, f"request body over {self.max_body} bytes")
+            return
+        if str(scope["path"]).startswith(API_PREFIX + "/"):
+            auth = headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            token = token.strip() if scheme.lower() == "bearer" else ""
+            try:
+                device = await anyio.to_thread.run_sync(self.devices.authenticate, token or None)
+            except DeviceUnknown as e:
+                await _answer(send, 401, str(e), {"WWW-Authenticate": "Bearer"})
+                return
+            except DeviceRevoked as e:
+                await _answer(send, 403, str(e))
+                return
+            scope.setdefault("state", {})["device"] = device
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = bool(message.get("more_body"))
+            if len(body) > self.max_body:
+                await _answer(send, 413, f"request body over {self.max_body} bytes")
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 def create_app(data_dir: Path | str) -> FastAPI:
@@ -82,18 +144,22 @@ def create_app(data_dir: Path | str) -> FastAPI:
         version=__version__,
         description="Signed model bundles for enrolled edge devices.",
     )
+    app.add_middleware(GuardMiddleware, devices=devices)  # type: ignore[arg-type]
 
     def authenticated(
+        request: Request,
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> Device:
-        try:
-            return devices.authenticate(None if creds is None else creds.credentials)
-        except DeviceUnknown as e:
-            raise HTTPException(401, str(e), headers={"WWW-Authenticate": "Bearer"}) from e
-        except DeviceRevoked as e:
-            raise HTTPException(403, str(e)) from e
+        # GuardMiddleware authenticated the caller already; `bearer` documents the scheme.
+        device = getattr(request.state, "device", None)
+        if not isinstance(device, Device):
+            raise HTTPException(
+                401, "no device token given", headers={"WWW-Authenticate": "Bearer"}
+            )
+        return device
 
     DeviceDep = Annotated[Device, Depends(authenticated)]
+    status_schema = TypeAdapter(StatusReport).json_schema()
 
     @app.get("/healthz", tags=["service"])
     def healthz() -> dict[str, str]:
@@ -103,48 +169,81 @@ def create_app(data_dir: Path | str) -> FastAPI:
     @app.get(f"{API_PREFIX}/devices/me", tags=["device"])
     def whoami(device: DeviceDep) -> DeviceInfo:
         """The calling device's enrollment."""
-        return DeviceInfo(name=device.name, created_at=device.created_at)
+        return DeviceInfo(
+            name=device.name, created_at=device.created_at, channels=list(device.channels)
+        )
 
     @app.get(
         f"{API_PREFIX}/channels/{{channel}}/current",
         tags=["device"],
-        responses={404: {"description": "the channel has no version"}},
+        response_model=CurrentVersion,
+        responses={403: {"description": "not a channel this device may follow"}, 404: {}},
     )
     def current(channel: str, device: DeviceDep) -> CurrentVersion:
-        """The version ``channel`` points at now."""
+        """The version ``channel`` points at now, with the operator's signed statement."""
+        if not is_channel(channel):
+            raise HTTPException(404, "no such channel")
+        if channel not in device.channels:
+            raise HTTPException(403, f"device {device.name!r} may not follow channel {channel!r}")
         version = registry.current(channel)
         if version is None:
             raise HTTPException(404, f"channel {channel!r} has no version yet")
         record = registry.get_version(version)
+        signed = registry.statement(channel)
         return CurrentVersion(
             channel=channel,
             version=record.version,
             bundle_id=record.bundle_id,
             tar_sha256=record.tar_sha256,
             tar_size=record.tar_size,
-            download_path=f"{API_PREFIX}/bundles/{record.version}/bundle.tar",
+            download_path=bundle_download_path(record.version),
+            statement=None if signed is None else signed.statement,
+            signature=None if signed is None else signed.signature,
         )
 
     @app.get(
         f"{API_PREFIX}/bundles/{{version}}/bundle.tar",
         tags=["device"],
         response_class=FileResponse,
-        responses={200: {"content": {"application/x-tar": {}}}, 404: {}},
+        responses={200: {"content": {"application/x-tar": {}}}, 403: {}, 404: {}},
     )
     def download(version: str, device: DeviceDep) -> FileResponse:
-        """The bundle of ``version`` as an uncompressed tar."""
+        """The bundle of ``version`` as an uncompressed tar (only versions of its channels)."""
+        if not is_version(version):
+            raise HTTPException(404, "no such version")
         try:
             registry.get_version(version)
             path = registry.tar_path(version)
         except RegistryError as e:
             raise HTTPException(404, str(e)) from e
+        if version not in registry.versions_seen_by(device.channels):
+            raise HTTPException(
+                403, f"version {version!r} was never on a channel device {device.name!r} follows"
+            )
         return FileResponse(path, media_type="application/x-tar", filename=f"{version}.tar")
 
-    @app.post(f"{API_PREFIX}/devices/me/status", tags=["device"], status_code=204)
-    def report(body: StatusBody, device: DeviceDep) -> None:
+    @app.post(
+        f"{API_PREFIX}/devices/me/status",
+        tags=["device"],
+        status_code=204,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": status_schema}},
+            }
+        },
+        responses={413: {"description": "body too large"}, 422: {"description": "invalid"}},
+    )
+    async def report(request: Request, device: DeviceDep) -> None:
         """Record the calling device's status (active version, health, latency, last error)."""
         try:
-            devices.record_status(device.name, StatusReport(**body.model_dump()))
+            status = StatusReport.from_dict(parse_json(await request.body(), "status report"))
+        except ProtocolError as e:
+            raise HTTPException(422, str(e)) from e
+        if status.channel not in device.channels:
+            raise HTTPException(422, f"device {device.name!r} does not follow {status.channel!r}")
+        try:
+            await anyio.to_thread.run_sync(devices.record_status, device.name, status)
         except RegistryError as e:
             raise HTTPException(422, str(e)) from e
 

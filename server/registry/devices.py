@@ -15,14 +15,16 @@ import secrets
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fedge.server.registry.store import check_channel, connect, now_iso, transaction
 from fedge.shared.errors import RegistryError, SecurityError
+from fedge.shared.fleet_protocol import ProtocolError, StatusReport
+
+__all__ = ["Device", "DeviceRevoked", "DeviceStore", "DeviceUnknown", "StatusReport"]
 
 TOKEN_PREFIX = "fedge_dev_"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-HEALTH_VALUES = ("ok", "degraded", "failed", "no-model")
+DEFAULT_CHANNEL = "stable"
 
 
 class DeviceUnknown(SecurityError):
@@ -35,28 +37,16 @@ class DeviceRevoked(SecurityError):
 
 @dataclass(frozen=True)
 class Device:
-    """An enrolled device (never holds its token)."""
+    """An enrolled device (never holds its token) and the channels it may follow."""
 
     name: str
     created_at: str
     revoked_at: str | None
+    channels: tuple[str, ...] = (DEFAULT_CHANNEL,)
 
     @property
     def revoked(self) -> bool:
         return self.revoked_at is not None
-
-
-@dataclass(frozen=True)
-class StatusReport:
-    """What a device reports on every poll."""
-
-    channel: str
-    active_version: str | None
-    health: str
-    latency_p50_ms: float | None = None
-    latency_p99_ms: float | None = None
-    last_error: str | None = None
-    detail: dict[str, Any] | None = None
 
 
 def token_hash(token: str) -> str:
@@ -72,6 +62,18 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _check_channels(channels: tuple[str, ...]) -> tuple[str, ...]:
+    if not channels:
+        raise RegistryError("a device needs at least one channel to follow")
+    return tuple(dict.fromkeys(check_channel(c) for c in channels))
+
+
+def _device(row: sqlite3.Row) -> Device:
+    raw = row["channels"]
+    channels = tuple(json.loads(raw)) if raw else (DEFAULT_CHANNEL,)
+    return Device(row["name"], row["created_at"], row["revoked_at"], channels)
+
+
 def _new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
@@ -85,8 +87,11 @@ class DeviceStore:
     def connect(self) -> sqlite3.Connection:
         return connect(self.data_dir)
 
-    def add(self, name: str) -> str:
+    def add(self, name: str, channels: tuple[str, ...] = (DEFAULT_CHANNEL,)) -> str:
         """Enroll ``name``; return its token (the only time it is ever visible).
+
+        ``channels`` are the channels it may follow (and download the versions of);
+        by default only ``stable``.
 
         Raises
         ------
@@ -94,6 +99,7 @@ class DeviceStore:
             If the name is invalid or already taken (revoked names stay taken, for audit).
         """
         _check_name(name)
+        allowed = _check_channels(channels)
         token = _new_token()
         with contextlib.closing(self.connect()) as conn, transaction(conn):
             if conn.execute("SELECT 1 FROM devices WHERE name = ?", (name,)).fetchone():
@@ -102,8 +108,9 @@ class DeviceStore:
                     f"{name}` for a new token, or choose another name"
                 )
             conn.execute(
-                "INSERT INTO devices (name, token_sha256, created_at) VALUES (?, ?, ?)",
-                (name, token_hash(token), now_iso()),
+                "INSERT INTO devices (name, token_sha256, created_at, channels) "
+                "VALUES (?, ?, ?, ?)",
+                (name, token_hash(token), now_iso(), json.dumps(list(allowed))),
             )
         return token
 
@@ -119,6 +126,16 @@ class DeviceStore:
             )
         return token
 
+    def set_channels(self, name: str, channels: tuple[str, ...]) -> tuple[str, ...]:
+        """Replace the channels ``name`` may follow; returns them."""
+        allowed = _check_channels(channels)
+        with contextlib.closing(self.connect()) as conn, transaction(conn):
+            self._get(conn, name)
+            conn.execute(
+                "UPDATE devices SET channels = ? WHERE name = ?", (json.dumps(list(allowed)), name)
+            )
+        return allowed
+
     def revoke(self, name: str) -> bool:
         """Revoke ``name``; False if it was already revoked."""
         with contextlib.closing(self.connect()) as conn, transaction(conn):
@@ -132,7 +149,7 @@ class DeviceStore:
         """Every enrolled device, revoked ones included, by name."""
         with contextlib.closing(self.connect()) as conn:
             rows = conn.execute("SELECT * FROM devices ORDER BY name").fetchall()
-        return [Device(r["name"], r["created_at"], r["revoked_at"]) for r in rows]
+        return [_device(r) for r in rows]
 
     def get(self, name: str) -> Device:
         with contextlib.closing(self.connect()) as conn:
@@ -145,7 +162,7 @@ class DeviceStore:
                 f"no device named {name!r}; see `fedge registry device list`",
                 hint="enroll it with `fedge registry device add NAME`",
             )
-        return Device(row["name"], row["created_at"], row["revoked_at"])
+        return _device(row)
 
     def authenticate(self, token: str | None) -> Device:
         """The device that owns ``token``; also records that it was seen now.
@@ -166,7 +183,7 @@ class DeviceStore:
             ).fetchone()
             if row is None:
                 raise DeviceUnknown("unknown device token")
-            device = Device(row["name"], row["created_at"], row["revoked_at"])
+            device = _device(row)
             if device.revoked:
                 raise DeviceRevoked(f"device {device.name!r} was revoked on {device.revoked_at}")
             with transaction(conn):
@@ -178,10 +195,17 @@ class DeviceStore:
         return device
 
     def record_status(self, name: str, report: StatusReport) -> None:
-        """Store ``report`` as the device's latest status."""
-        check_channel(report.channel)
-        if report.health not in HEALTH_VALUES:
-            raise RegistryError(f"health {report.health!r} is not one of {HEALTH_VALUES}")
+        """Store ``report`` as the device's latest status (validated again: it may come from code).
+
+        Raises
+        ------
+        RegistryError
+            A field out of bounds (see ``fleet_protocol.StatusReport``).
+        """
+        try:
+            report = StatusReport.from_dict(report.to_dict())
+        except ProtocolError as e:
+            raise RegistryError(f"status report refused: {e}") from e
         now = now_iso()
         values = (
             name,

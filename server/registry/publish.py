@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fedge.server.registry.store import Registry, VersionRecord, check_version, now_iso
 from fedge.shared.bundle import Manifest, pack_bundle, sha256_file, unpack_bundle, verify_bundle
-from fedge.shared.errors import BundleError
+from fedge.shared.errors import BundleError, SecurityError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ def publish_bundle(
         The version already exists with different content, or the channel name is invalid.
     """
     bundle_dir = Path(bundle_dir)
+    if channel is not None:
+        _check_same_key(registry, public_key)
     staged = registry.new_staging()
     try:
         if bundle_dir.is_file():
@@ -107,6 +109,21 @@ def publish_bundle(
         shutil.rmtree(staged, ignore_errors=True)
     log.info("published %s (new=%s) channel=%s", stored.version, created, channel)
     return stored, created
+
+
+def _check_same_key(registry: Registry, public_key: Path | str) -> None:
+    """The operator key that signs channel statements must be the one bundles are checked with."""
+    from fedge.shared import signing
+
+    registry.adopt_signing_key_beside(public_key)
+    signer = signing.public_key_fingerprint(registry.signing_key())
+    trusted = signing.public_key_fingerprint(signing.load_public_key(public_key))
+    if signer != trusted:
+        raise SecurityError(
+            f"the operator signing key ({signer[:23]}…) is not the pair of {public_key} "
+            f"({trusted[:23]}…): devices would refuse the channel statement",
+            hint="pass the matching --key and --signing-key",
+        )
 
 
 def _check_validation(bundle_dir: Path, manifest: Manifest) -> None:

@@ -18,22 +18,31 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import shutil
 import sqlite3
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from fedge.shared.atomic import fsync_dir
-from fedge.shared.errors import RegistryError
+from fedge.shared import signing
+from fedge.shared.atomic import fsync_dir, fsync_tree
+from fedge.shared.errors import RegistryError, SecurityError
+from fedge.shared.fleet_protocol import (
+    CHANNEL_RE,
+    VERSION_RE,
+    ChannelStatement,
+    SignedStatement,
+)
 from fedge.shared.processes import is_running
 
 DB_NAME = "registry.sqlite"
-_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-_CHANNEL_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_VERSION_RE = VERSION_RE
+_CHANNEL_RE = CHANNEL_RE
+# How long a signed channel statement stays valid: a registry that keeps serving an old
+# one (a freeze attack) is refused by devices after this; `fedge registry refresh` re-signs.
+DEFAULT_STATEMENT_DAYS = 30.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -73,7 +82,22 @@ CREATE TABLE IF NOT EXISTS device_status (
     last_seen TEXT,
     detail TEXT
 );
+CREATE TABLE IF NOT EXISTS channel_statements (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel TEXT NOT NULL,
+    version TEXT NOT NULL REFERENCES versions(version),
+    statement TEXT NOT NULL,
+    signature TEXT NOT NULL
+);
 """
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add columns that registries made by older fedge versions lack."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(devices)")}
+    if "channels" not in columns:
+        # JSON list of the channels a device may follow; NULL reads as ["stable"].
+        conn.execute("ALTER TABLE devices ADD COLUMN channels TEXT")
 
 
 def now_iso() -> str:
@@ -96,6 +120,7 @@ def connect(data_dir: Path) -> sqlite3.Connection:
     if fresh or path not in _READY:
         conn.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the database file
         conn.executescript(_SCHEMA)
+        _migrate(conn)
         _READY.add(path)
     return conn
 
@@ -158,27 +183,18 @@ def check_version(version: str) -> str:
     return version
 
 
-def fsync_tree(root: Path) -> None:
-    """Flush every file and directory under ``root`` so a rename of ``root`` is durable."""
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fd = os.open(Path(dirpath) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class Registry:
     """A registry rooted at ``data_dir`` (see the module docstring for the layout)."""
 
-    def __init__(self, data_dir: Path | str) -> None:
+    def __init__(
+        self,
+        data_dir: Path | str,
+        signing_key: Path | signing.Ed25519PrivateKey | None = None,
+        statement_days: float = DEFAULT_STATEMENT_DAYS,
+    ) -> None:
         self.data_dir = Path(data_dir).expanduser()
+        self._signing_key = signing_key
+        self.statement_days = statement_days
         self.versions_dir = self.data_dir / "versions"
         self.staging_dir = self.data_dir / "staging"
         self.versions_dir.mkdir(parents=True, exist_ok=True)
@@ -289,8 +305,10 @@ class Registry:
         ``staged`` holds ``bundle/`` and ``bundle.tar``. Returns the stored record and
         whether it is new (False: the same content was already published, idempotent).
         """
+        key = None
         if channel is not None:
             check_channel(channel)
+            key = self.signing_key()
         with self.locked(), contextlib.closing(self.connect()) as conn:
             row = conn.execute(
                 "SELECT * FROM versions WHERE version = ?", (record.version,)
@@ -327,16 +345,30 @@ class Registry:
                             ),
                         )
                     if channel is not None and _current(conn, channel) != record.version:
+                        self._check_not_older(conn, channel, record.version, False)
                         _assign(conn, channel, record.version, "publish")
+                        self._sign(conn, channel, record.version, "publish", key)
             except BaseException:
                 if created:
                     shutil.rmtree(target, ignore_errors=True)
                 raise
         return self.get_version(record.version), created
 
-    def promote(self, version: str, channel: str) -> bool:
-        """Point ``channel`` at ``version``; False if it already pointed there."""
+    def promote(self, version: str, channel: str, rollback: bool = False) -> bool:
+        """Point ``channel`` at ``version``; False if it already pointed there.
+
+        A version published before the channel's current one is a downgrade, which
+        devices refuse unless the operator signed it as a rollback: pass ``rollback``.
+
+        Raises
+        ------
+        RegistryError
+            Unknown version, or an older version without ``rollback``.
+        SecurityError
+            No usable operator signing key.
+        """
         check_channel(channel)
+        key = self.signing_key()
         with self.locked(), contextlib.closing(self.connect()) as conn, transaction(conn):
             exists = conn.execute("SELECT 1 FROM versions WHERE version = ?", (version,)).fetchone()
             if exists is None:
@@ -346,7 +378,9 @@ class Registry:
                 )
             if _current(conn, channel) == version:
                 return False
-            _assign(conn, channel, version, "promote")
+            self._check_not_older(conn, channel, version, rollback)
+            _assign(conn, channel, version, "rollback" if rollback else "promote")
+            self._sign(conn, channel, version, "rollback" if rollback else "promote", key)
             return True
 
     def rollback(self, channel: str) -> tuple[str, str]:
@@ -361,6 +395,7 @@ class Registry:
             If the channel is empty or has no earlier version.
         """
         check_channel(channel)
+        key = self.signing_key()
         with self.locked(), contextlib.closing(self.connect()) as conn, transaction(conn):
             rows = conn.execute(
                 "SELECT id, version FROM channel_history WHERE channel = ? "
@@ -378,7 +413,143 @@ class Registry:
                 "UPDATE channel_history SET rolled_back_at = ? WHERE id = ?",
                 (now_iso(), rows[0]["id"]),
             )
+            self._sign(conn, channel, str(rows[1]["version"]), "rollback", key)
             return str(rows[0]["version"]), str(rows[1]["version"])
+
+    # -- signed channel statements -------------------------------------------------------------
+
+    def signing_key(self) -> signing.Ed25519PrivateKey:
+        """The operator key that signs channel statements (loaded on first use).
+
+        Raises
+        ------
+        SecurityError
+            No key was given and none is at the default path, or it is unreadable.
+        """
+        key = self._signing_key
+        if isinstance(key, signing.Ed25519PrivateKey):
+            return key
+        if key is None:
+            from fedge.shared.paths import signing_key_path
+
+            key = signing_key_path()
+        if not Path(key).is_file():
+            raise SecurityError(
+                f"no operator signing key at {key}: channel changes are signed with it",
+                hint="pass --signing-key, or create one with `fedge keys create`",
+            )
+        self._signing_key = signing.load_private_key(key)
+        return self._signing_key
+
+    def adopt_signing_key_beside(self, public_key: Path | str) -> None:
+        """Without an explicit key, sign with the private key stored beside ``public_key``.
+
+        ``fedge keys create`` writes ``signing.key`` and ``signing.pub`` side by side; the
+        operator who publishes with one holds the other.
+        """
+        sibling = Path(public_key).with_suffix(".key")
+        if self._signing_key is None and sibling.is_file():
+            self._signing_key = sibling
+
+    def statement(self, channel: str) -> SignedStatement | None:
+        """The latest signed statement for ``channel`` (None: never signed, or emptied)."""
+        with contextlib.closing(self.connect()) as conn:
+            row = conn.execute(
+                "SELECT version, statement, signature FROM channel_statements WHERE channel = ? "
+                "ORDER BY id DESC LIMIT 1",
+                (channel,),
+            ).fetchone()
+            if row is None or row["version"] != _current(conn, channel):
+                return None
+        return SignedStatement(row["statement"], row["signature"])
+
+    def refresh(self, channel: str) -> ChannelStatement:
+        """Sign the channel's current assignment again with a new expiry (same version, action).
+
+        Raises
+        ------
+        RegistryError
+            The channel has no version.
+        """
+        check_channel(channel)
+        key = self.signing_key()
+        with self.locked(), contextlib.closing(self.connect()) as conn, transaction(conn):
+            version = _current(conn, channel)
+            if version is None:
+                raise RegistryError(f"channel {channel!r} has no version to sign")
+            row = conn.execute(
+                "SELECT statement FROM channel_statements WHERE channel = ? ORDER BY id DESC "
+                "LIMIT 1",
+                (channel,),
+            ).fetchone()
+            action = "publish"
+            if row is not None:
+                previous = json.loads(row["statement"])
+                if previous.get("version") == version:
+                    action = str(previous.get("action", "publish"))
+            return self._sign(conn, channel, version, action, key)
+
+    def versions_seen_by(self, channels: tuple[str, ...]) -> set[str]:
+        """Versions any of ``channels`` points at or ever pointed at (what a device may fetch)."""
+        if not channels:
+            return set()
+        marks = ",".join("?" * len(channels))
+        with contextlib.closing(self.connect()) as conn:
+            rows = conn.execute(
+                f"SELECT DISTINCT version FROM channel_history WHERE channel IN ({marks})",
+                channels,
+            ).fetchall()
+        return {str(r[0]) for r in rows}
+
+    def _check_not_older(
+        self, conn: sqlite3.Connection, channel: str, version: str, rollback: bool
+    ) -> None:
+        current = _current(conn, channel)
+        if current is None or rollback:
+            return
+        if _release(conn, version) < _release(conn, current):
+            raise RegistryError(
+                f"version {version!r} was published before {current!r}, which channel "
+                f"{channel!r} serves now: devices refuse a downgrade the operator did not sign",
+                hint=f"to go back on purpose: `fedge registry promote {version} --channel "
+                f"{channel} --rollback` (or `fedge registry rollback --channel {channel}`)",
+            )
+
+    def _sign(
+        self,
+        conn: sqlite3.Connection,
+        channel: str,
+        version: str,
+        action: str,
+        key: signing.Ed25519PrivateKey | None = None,
+    ) -> ChannelStatement:
+        """Sign and store the statement ``channel -> version`` (inside the caller's transaction)."""
+        key = key or self.signing_key()
+        row = conn.execute("SELECT * FROM versions WHERE version = ?", (version,)).fetchone()
+        sequence = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM channel_statements")
+        issued = datetime.now(UTC).replace(microsecond=0)
+        statement = ChannelStatement(
+            channel=channel,
+            sequence=int(sequence.fetchone()[0]),
+            version=version,
+            release=_release(conn, version),
+            bundle_id=row["bundle_id"],
+            manifest_sha256=row["manifest_sha256"],
+            tar_sha256=row["tar_sha256"],
+            tar_size=int(row["tar_size"]),
+            task=row["task"],
+            action=action,
+            issued_at=issued.isoformat(),
+            expires_at=(issued + timedelta(days=self.statement_days)).isoformat(),
+            key_fingerprint=signing.public_key_fingerprint(key),
+        )
+        signed = SignedStatement.sign(statement, key)
+        conn.execute(
+            "INSERT INTO channel_statements (id, channel, version, statement, signature) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (statement.sequence, channel, version, signed.statement, signed.signature),
+        )
+        return statement
 
     def new_staging(self) -> Path:
         """A fresh, empty staging directory for one publish."""
@@ -394,6 +565,14 @@ def _current(conn: sqlite3.Connection, channel: str) -> str | None:
         (channel,),
     ).fetchone()
     return None if row is None else str(row["version"])
+
+
+def _release(conn: sqlite3.Connection, version: str) -> int:
+    """A version's release number: its publish order (SQLite rowid, never reused)."""
+    row = conn.execute("SELECT rowid FROM versions WHERE version = ?", (version,)).fetchone()
+    if row is None:
+        raise RegistryError(f"version {version!r} is not in the registry")
+    return int(row[0])
 
 
 def _assign(conn: sqlite3.Connection, channel: str, version: str, action: str) -> None:
