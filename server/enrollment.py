@@ -179,9 +179,16 @@ def approve(
         sites = _load_registry(data_dir)
         entry = _check_can_approve(sites, request.site, request.fingerprint)
         if entry is None:
-            node_id = _register(
-                request.public_key, request.site, data_dir, superlink_address, tls_ca
-            )
+            try:
+                node_id = _register(
+                    request.public_key, request.site, data_dir, superlink_address, tls_ca
+                )
+            except SecurityError as e:
+                # An approval that crashed between Flower's register and our save left the
+                # key registered but unknown here: adopt that node if it holds this key.
+                if "already in use" not in str(e).lower():
+                    raise
+                node_id = _adopt(request.public_key, data_dir, superlink_address, tls_ca, e)
             entry = {
                 "name": request.site,
                 "fingerprint": request.fingerprint,
@@ -275,6 +282,68 @@ def _register(
         return int(answer["node-id"])
     except (KeyError, TypeError, ValueError) as e:
         raise SecurityError(f"`flwr supernode register` gave no node id: {answer}") from e
+
+
+# Flower's `supernode list --format json` leaves out each node's public key; its own
+# Control API client (what that command uses) returns it.
+_LIST_KEYS = """
+import base64, json
+from flwr.cli.flower_config import read_superlink_connection
+from flwr.cli.utils import init_http_client_from_connection
+from flwr.proto.control_pb2 import ListNodesRequest
+client = init_http_client_from_connection(read_superlink_connection(%r))
+try:
+    nodes = client.ListNodes(ListNodesRequest()).nodes_info
+finally:
+    client.close()
+print(json.dumps([{"node_id": n.node_id, "status": n.status,
+                   "public_key": base64.b64encode(n.public_key).decode()} for n in nodes]))
+"""
+
+
+def _adopt(
+    public_key: str, data_dir: Path, superlink_address: str, tls_ca: Path, error: SecurityError
+) -> int:
+    """The node id the SuperLink holds for ``public_key`` (checked key by key), else ``error``."""
+    import base64
+    import subprocess
+    import sys
+
+    from cryptography.hazmat.primitives import serialization
+
+    from fedge.server.flwr_control import CONNECTION, FLWR_TIMEOUT_S, flwr_home, probe
+    from fedge.shared.processes import child_environment
+
+    probe(superlink_address, tls_ca)
+    home = flwr_home(data_dir, superlink_address, tls_ca)
+    env = child_environment({"FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1"})
+    done = subprocess.run(
+        [sys.executable, "-c", _LIST_KEYS % CONNECTION],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=FLWR_TIMEOUT_S,
+        check=False,
+    )
+    try:
+        nodes = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError) as e:
+        raise SecurityError(f"{error} (and listing the SuperLink's keys failed)") from e
+    wanted = serialization.load_ssh_public_key(public_key.encode("ascii"))
+    for node in nodes:
+        if node.get("status") == "unregistered":
+            continue
+        try:
+            held = serialization.load_pem_public_key(base64.b64decode(node["public_key"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+        if held == wanted:
+            log.warning(
+                "key already registered as node %s (an interrupted approval); adopting it",
+                node["node_id"],
+            )
+            return int(node["node_id"])
+    raise error
 
 
 def _san_warnings(server_cert: Path, server_address: str) -> list[str]:

@@ -365,3 +365,25 @@ def test_approved_site_connects_and_revoked_site_is_cut_off(link: Link) -> None:
     assert "Failed to activate SuperNode" in log.read_text()
     with pytest.raises(SecurityError, match="revoked"):
         approve(request.path, link.data_dir, link.address, link.tls.ca_cert)
+
+
+@pytest.mark.slow
+def test_approval_interrupted_after_flower_registered_the_key_recovers(link: Link) -> None:
+    """A crash between Flower's register and fedge's save: approving again adopts the node."""
+    from fedge.server.enrollment import _load_registry, _register
+
+    request = create_enrollment("hospital-c", link.address, out_dir=link.root / "hospital-c")
+    assert request.path is not None
+    # What the crashed approval did: Flower has the key, sites.json does not.
+    node_id = _register(
+        request.public_key, "hospital-c", link.data_dir, link.address, link.tls.ca_cert
+    )
+    assert all(s["name"] != "hospital-c" for s in _load_registry(link.data_dir))
+    approved = approve(request.path, link.data_dir, link.address, link.tls.ca_cert)
+    assert approved.node_id == node_id
+    entry = next(s for s in _load_registry(link.data_dir) if s["name"] == "hospital-c")
+    assert entry["node_id"] == node_id and entry["fingerprint"] == request.fingerprint
+    # Another key under a fresh name is not adopted by mistake: it registers normally.
+    other = create_enrollment("hospital-d", link.address, out_dir=link.root / "hospital-d")
+    assert other.path is not None
+    assert approve(other.path, link.data_dir, link.address, link.tls.ca_cert).node_id != node_id
