@@ -25,6 +25,7 @@ app = typer.Typer(
 
 def _register() -> None:
     """Attach every command group; each module keeps its heavy imports inside commands."""
+    from fedge.cli.bundle import app as bundle_app
     from fedge.cli.client import app as client_app
     from fedge.cli.demo import demo
     from fedge.cli.deploy import register as register_deploy_commands
@@ -46,6 +47,7 @@ def _register() -> None:
     app.add_typer(edge_app, name="edge")
     app.add_typer(registry_app, name="registry")
     app.add_typer(fleet_app, name="fleet")
+    app.add_typer(bundle_app, name="bundle")
 
 
 def main() -> None:
