@@ -200,3 +200,23 @@ def test_legacy_channel_without_statement_is_refused(api: Api) -> None:
     assert result.action == "bad-answer" and "without a signed channel statement" in result.error
     api.registry.refresh("stable")
     assert api.poll("cam-1").active_version == "v1"
+
+
+def test_one_message_definition_serves_both_sides(api: Api) -> None:
+    """The API documents and parses the shared dataclass the agent builds (no second copy)."""
+    from pydantic import TypeAdapter
+
+    from fedge.shared.fleet_protocol import CurrentVersion, StatusReport
+
+    with api.client() as anonymous:
+        spec = anonymous.get("/openapi.json").json()
+    body = spec["paths"][STATUS]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    shared = TypeAdapter(StatusReport).json_schema()
+    assert set(body["properties"]) == set(shared["properties"]) == set(
+        StatusReport.__dataclass_fields__
+    )
+    assert body["required"] == shared["required"]
+    api.publish("v1", "stable")
+    with api.client("cam-1") as cam:
+        answer = CurrentVersion.from_dict(cam.get("/v1/channels/stable/current").json())
+    assert answer.version == "v1" and answer.signed() is not None

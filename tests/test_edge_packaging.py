@@ -160,3 +160,31 @@ def test_packaged_bundle_is_published_and_activated_by_the_agent(
     assert (result.action, result.active_version, result.health) == ("activated", "pets-1", "ok")
     with EdgeModel.open(tmp_path / "device" / "current", public) as model:
         assert model.self_test().passed and model.artifact.format == "tflite"
+
+
+def test_packaging_runs_without_torch(tmp_path: Path, models, keys) -> None:
+    """`fedge bundle create` and the fleet protocol need neither torch nor flwr."""
+    import subprocess
+    import sys
+
+    from test_edge_torch_free import BLOCKER
+
+    private, public = keys
+    script = BLOCKER + (
+        "import sys\n"
+        "from fedge.edge.packaging import create_bundle\n"
+        "import fedge.shared.fleet_protocol, fedge.edge.device.agent\n"
+        "create_bundle(sys.argv[1], sys.argv[2], labels=['cat', 'dog', 'bird'],\n"
+        "              input_shape=(3, 16, 16), version='1', signing_key=sys.argv[3])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED))\n"
+    )
+    out = tmp_path / "no-torch-bundle"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(models["onnx"]), str(out), str(private)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert verify_bundle(out, public).version == "1"
