@@ -379,3 +379,17 @@ def test_refusal_is_cleared_by_command_or_by_a_new_build(fake: FakeRegistry) -> 
     # A new build of the same version (another tar sha256) is tried without any command.
     fake.bundle("1.0.0", release=1, seed=5)
     assert poll(fake).action == "activated" and fake.downloads() == 3
+
+
+def test_huge_answer_is_not_read_into_memory(fake: FakeRegistry) -> None:
+    sent = []
+
+    def endless() -> Iterator[bytes]:
+        while True:
+            sent.append(1)
+            yield b" " * (1 << 16)
+
+    fake.override = lambda r: httpx.Response(200, content=endless())
+    result = poll(fake)
+    assert result.action == "bad-answer" and "over 65536 bytes" in (result.error or "")
+    assert len(sent) <= 3

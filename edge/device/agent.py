@@ -40,12 +40,14 @@ from fedge.shared.fleet_protocol import (
     StatusReport,
     bundle_download_path,
     parse_json,
+    printable,
 )
 from fedge.shared.signing import Ed25519PublicKey, load_public_key
 
 log = logging.getLogger(__name__)
 
 MAX_DOWNLOAD_BYTES = 2 << 30
+MAX_ANSWER_BYTES = 64 << 10
 HealthCheck = Callable[[Path, Path], None]
 
 
@@ -219,11 +221,23 @@ class Agent:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, str]:
+        """Send a request; return its status and at most 4 KiB of its body, as text."""
         try:
-            response = self.client.request(method, path, **kwargs)
+            with self.client.stream(method, path, **kwargs) as response:
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > 4096:
+                        break
+                detail = printable(body[:300].decode("utf-8", "replace"))
+                self._check_auth(response, detail)
+                return response.status_code, detail
         except httpx.HTTPError as e:
             raise ConnectionFailed(f"registry {self.config.server} unreachable: {e}") from e
+
+    @staticmethod
+    def _check_auth(response: httpx.Response, detail: str) -> None:
         if response.status_code == 401:
             raise SecurityError(
                 "the registry does not know this device's token (401)",
@@ -231,20 +245,17 @@ class Agent:
             )
         if response.status_code == 403:
             raise SecurityError(
-                f"the registry refused this device (403): {_detail(response)}",
+                f"the registry refused this device (403): {detail}",
                 hint="the device was revoked, or may not follow this channel; ask the operator",
             )
-        return response
 
     def _wanted(self) -> Wanted | None:
-        response = self._request("GET", f"/v1/channels/{self.config.channel}/current")
-        if response.status_code == 404:
+        status, body = self._get_small(f"/v1/channels/{self.config.channel}/current")
+        if status == 404:
             return None
-        if response.status_code != 200:
-            raise ConnectionFailed(f"registry answered {response.status_code}: {_detail(response)}")
-        if len(response.content) > 64 << 10:
-            raise ProtocolError("the registry's answer is over 64 KiB")
-        answer = CurrentVersion.from_dict(parse_json(response.content, "the registry's answer"))
+        if status != 200:
+            raise ConnectionFailed(f"registry answered {status}: {body[:300]!r}")
+        answer = CurrentVersion.from_dict(parse_json(body, "the registry's answer"))
         signed = answer.signed()
         if signed is None:
             raise StatementRefused(
@@ -261,6 +272,22 @@ class Agent:
                 f"{statement.version}"
             )
         return Wanted(answer, statement)
+
+    def _get_small(self, path: str) -> tuple[int, bytes]:
+        """GET ``path`` reading at most ``MAX_ANSWER_BYTES`` (a registry may send anything)."""
+        try:
+            with self.client.stream("GET", path) as response:
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_ANSWER_BYTES:
+                        raise ProtocolError(
+                            f"the registry's answer is over {MAX_ANSWER_BYTES} bytes"
+                        )
+                self._check_auth(response, printable(body[:300].decode("utf-8", "replace")))
+                return response.status_code, bytes(body)
+        except httpx.HTTPError as e:
+            raise ConnectionFailed(f"registry {self.config.server} unreachable: {e}") from e
 
     def _check_statement(
         self, statement: ChannelStatement, state: dict[str, Any], active: str | None
@@ -454,12 +481,12 @@ class Agent:
             },
         )
         try:
-            response = self._request("POST", "/v1/devices/me/status", json=report.to_dict())
+            status, detail = self._request("POST", "/v1/devices/me/status", json=report.to_dict())
         except ConnectionFailed as e:
             log.warning("status report failed: %s", e)
             return result
-        if response.status_code != 204:
-            log.warning("status report refused: %s %s", response.status_code, _detail(response))
+        if status != 204:
+            log.warning("status report refused: %s %s", status, detail)
             return result
         return AgentResult(**{**result.__dict__, "reported": True})
 
@@ -515,13 +542,6 @@ def _printable_error(text: str | None) -> str | None:
         return None
     cleaned = "".join(ch if ch.isprintable() or ch in "\n\t" else "?" for ch in text)
     return cleaned[:2000]
-
-
-def _detail(response: httpx.Response) -> str:
-    try:
-        return str(response.json().get("detail", response.text))[:300]
-    except (ValueError, AttributeError):
-        return response.text[:300]
 
 
 def run_agent_once(
