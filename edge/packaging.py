@@ -194,6 +194,8 @@ def make_task(
                 f"image input {shape}: fedge's image preprocessing makes square inputs with 1 or "
                 "3 channels, (C, S, S)"
             )
+        mean: tuple[float, ...]
+        std: tuple[float, ...]
         if preprocessing == "imagenet":
             if channels != 3:
                 raise ConfigError("imagenet preprocessing needs 3 channels")

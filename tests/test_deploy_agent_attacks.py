@@ -360,7 +360,7 @@ def test_oversized_pax_header_is_refused_before_tarfile_reads_it(tmp_path: Path)
 def test_refusal_is_cleared_by_command_or_by_a_new_build(fake: FakeRegistry) -> None:
     import typer
 
-    from fedge.edge.device.deploy_cli import register
+    from fedge.cli.deploy import register
 
     fake.bundle("1.0.0", release=1, break_self_test=True)
     assert poll(fake).action == "refused"

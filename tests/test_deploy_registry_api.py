@@ -11,13 +11,13 @@ import pytest
 from deploy_support import ServerThread, make_bundle, make_keys
 from typer.testing import CliRunner
 
+from fedge.cli.registry import fleet_app, registry_app
 from fedge.edge.device.agent import AgentConfig, run_agent_once
 from fedge.server.registry.api import MAX_BODY_BYTES, create_app
 from fedge.server.registry.devices import DeviceStore
 from fedge.server.registry.fleet import device_view
 from fedge.server.registry.publish import publish_bundle
 from fedge.server.registry.store import Registry
-from fedge.server.registry_cli import fleet_app, registry_app
 from fedge.shared.errors import RegistryError
 
 STATUS = "/v1/devices/me/status"
@@ -51,7 +51,7 @@ class Api:
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[Api]:
     private, public = make_keys(tmp_path / "keys")
-    data = tmp_path / "registry"
+    data = tmp_path / "server" / "registry"  # `--data-dir` names the server's folder
     registry = Registry(data, signing_key=private)
     store = DeviceStore(data)
     tokens = {
@@ -148,7 +148,7 @@ def test_fleet_view_escapes_what_devices_wrote(api: Api) -> None:
             " VALUES ('cam-1', 'stable', 'ok', ?, '2026-01-01T00:00:00+00:00')",
             ("\x1b]0;pwned\x07\x1b[2J[bold red]fake[/]",),
         )
-    result = CliRunner().invoke(fleet_app, ["show", "cam-1", "--data-dir", str(api.data)])
+    result = CliRunner().invoke(fleet_app, ["show", "cam-1", "--data-dir", str(api.data.parent)])
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.output and "\x07" not in result.output
     assert "\\x1b" in result.output and "[bold red]fake[/]" in result.output
@@ -169,7 +169,7 @@ def test_operator_rollback_is_signed_and_a_plain_downgrade_is_refused(api: Api) 
     assert (result.action, result.active_version) == ("activated", "v1")
     # The same through the CLI: `fedge registry rollback` signs a rollback statement.
     runner = CliRunner()
-    args = ["--data-dir", str(api.data), "--signing-key", str(api.private)]
+    args = ["--data-dir", str(api.data.parent), "--signing-key", str(api.private)]
     assert (
         runner.invoke(registry_app, ["promote", "v2", "--channel", "stable", *args]).exit_code == 0
     )

@@ -166,7 +166,8 @@ class AgentDir:
             ``version`` was not refused.
         """
         state = self.load_state()
-        refused = state.get("refused") if isinstance(state.get("refused"), dict) else {}
+        raw = state.get("refused")
+        refused: dict[str, Any] = raw if isinstance(raw, dict) else {}
         if version is not None and version not in refused:
             known = ", ".join(sorted(refused)) or "none"
             raise ConfigError(f"version {version!r} is not refused here (refused: {known})")

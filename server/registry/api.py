@@ -144,7 +144,7 @@ def create_app(data_dir: Path | str) -> FastAPI:
         version=__version__,
         description="Signed model bundles for enrolled edge devices.",
     )
-    app.add_middleware(GuardMiddleware, devices=devices)  # type: ignore[arg-type]
+    app.add_middleware(GuardMiddleware, devices=devices)
 
     def authenticated(
         request: Request,
