@@ -57,6 +57,16 @@ class MicroBatcher:
             if not item.future.done():
                 item.future.set_exception(RuntimeError("the server is shutting down"))
 
+    def running(self) -> bool:
+        """Whether the batching task runs on this event loop (the app's lifespan started it)."""
+        task = self._task
+        if task is None or task.done():
+            return False
+        try:
+            return task.get_loop() is asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+
     @contextlib.contextmanager
     def arriving_request(self) -> Any:
         """Mark a request as on its way (parsing) so a forming batch may wait for it."""

@@ -256,7 +256,7 @@ def create_app(
                 # Parsing and decoding can take long: off the event loop, like inference.
                 parsed = await run_in_threadpool(parse_body, body, content_type, model.task, limits)
             count = len(parsed.x)
-            if config.batching and model.dynamic_batch:
+            if config.batching and model.dynamic_batch and batcher.running():
                 logits = await batcher.submit(model, parsed.x)
             else:
                 logits = await run_in_threadpool(_run_model, model, parsed.x)
