@@ -64,8 +64,9 @@ def test_no_runnable_artifact_is_a_clear_error(tmp_path: Path, keys) -> None:
         choose_fastest_artifact(root, keys[1])
 
 
-def test_the_choice_is_recorded_once_and_reused(bundle: Path, keys, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_the_choice_is_recorded_once_and_reused(
+    bundle: Path, keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     record = tmp_path / CHOICE_FILE
     first = choose_and_record(bundle, keys[1], record)
     assert json.loads(record.read_text())["file"] == first.file == "artifacts/model-fp32.onnx"
