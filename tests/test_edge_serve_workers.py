@@ -31,7 +31,7 @@ def test_every_worker_switches_to_the_new_version(tmp_path: Path) -> None:
     agent_dir.activate("v1")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "fedge.edge.device.deploy_cli", "serve",
+    command = [sys.executable, "-m", "fedge", "edge", "serve",
                "--agent-dir", str(agent_dir.root), "--key", str(public),
                "--port", str(port), "--workers", "2"]  # fmt: skip
     log = tmp_path / "serve.log"
