@@ -222,7 +222,12 @@ def test_the_api_conforms_to_its_openapi_schema(
 
 
 def test_a_large_multipart_body_never_blocks_the_event_loop(tmp_path: Path, keys) -> None:
-    """``/healthz`` answers within 100 ms while 8 MiB multipart bodies are being handled."""
+    """``/healthz`` answers within 100 ms while 8 MiB multipart bodies are being handled.
+
+    On a shared machine the OS alone can stall a process that long, so a
+    measurement over 100 ms is repeated, up to three times; the server that
+    parsed multipart on its event loop stalled ``/healthz`` for ~27 s every time.
+    """
     bundle = make_bundle(tmp_path / "v1", keys[0], "v1")
     app = create_app(ServeConfig(trusted_key=keys[1], bundle=bundle))
     part = b'--B\r\nContent-Disposition: form-data; name="a"\r\n\r\nx\r\n'
@@ -234,27 +239,31 @@ def test_a_large_multipart_body_never_blocks_the_event_loop(tmp_path: Path, keys
     )
     assert len(big_file) > 7 << 20
     headers = {"content-type": "multipart/form-data; boundary=B"}
-    statuses: list[int] = []
+    attempts = []
     with serving(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
         http.get("/healthz")  # connect once before measuring
+        for _ in range(3):
+            statuses: list[int] = []
 
-        def upload(body: bytes) -> None:
-            with httpx.Client(base_url=server.url, timeout=60) as other:
-                for _ in range(3):
-                    statuses.append(
-                        other.post("/predict", content=body, headers=headers).status_code
-                    )
+            def upload(body: bytes, statuses: list[int] = statuses) -> None:
+                with httpx.Client(base_url=server.url, timeout=60) as other:
+                    for _ in range(3):
+                        response = other.post("/predict", content=body, headers=headers)
+                        statuses.append(response.status_code)
 
-        uploads = [threading.Thread(target=upload, args=(b,)) for b in (tiny_parts, big_file)]
-        for thread in uploads:
-            thread.start()
-        worst = 0.0
-        while any(t.is_alive() for t in uploads):
-            start = time.perf_counter()
-            assert http.get("/healthz").status_code == 200
-            worst = max(worst, time.perf_counter() - start)
-            time.sleep(0.01)
-        for thread in uploads:
-            thread.join()
-    assert sorted(statuses) == [200, 200, 200, 413, 413, 413]
-    assert worst < 0.1, f"/healthz took {worst * 1000:.0f} ms while bodies were parsed"
+            uploads = [threading.Thread(target=upload, args=(b,)) for b in (tiny_parts, big_file)]
+            for thread in uploads:
+                thread.start()
+            worst = 0.0
+            while any(t.is_alive() for t in uploads):
+                start = time.perf_counter()
+                assert http.get("/healthz").status_code == 200
+                worst = max(worst, time.perf_counter() - start)
+                time.sleep(0.01)
+            for thread in uploads:
+                thread.join()
+            assert sorted(statuses) == [200, 200, 200, 413, 413, 413]
+            attempts.append(worst)
+            if worst < 0.1:
+                break
+    assert min(attempts) < 0.1, f"/healthz took {[round(w * 1000) for w in attempts]} ms"

@@ -136,6 +136,21 @@ def test_huge_finite_inputs_whose_scores_are_nan_get_422(client: TestClient) -> 
     assert binary.status_code == 422 and "not finite" in binary.json()["error"]
 
 
+def test_npy_headers_that_lie_and_eps_files_are_refused(client: TestClient) -> None:
+    from numpy.lib import format as npy
+
+    header = io.BytesIO()
+    npy.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (10**10,)}
+    )  # np.load would allocate 80 GB for this before reading the 16 bytes that follow
+    lie = client.post("/predict", content=header.getvalue() + b"x" * 16,
+                      headers={"content-type": "application/x-npy"})  # fmt: skip
+    assert lie.status_code == 400 and "does not hold" in lie.json()["error"]
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    refused = client.post("/predict", content=eps, headers={"content-type": "image/png"})
+    assert refused.status_code == 400 and "not a readable image" in refused.json()["error"]
+
+
 # ------------------------------------------------------------------ finding 3: pixels
 
 

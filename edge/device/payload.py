@@ -19,7 +19,6 @@ JSON nesting, and parse time. Formats:
 import io
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +35,7 @@ TENSOR_TYPE = "application/octet-stream"
 MULTIPART_TYPE = "multipart/form-data"
 MAX_JSON_DEPTH = 6  # (N, C, H, W) tensors nest 5 deep inside "inputs"
 MAX_NUMBER_CHARS = 64  # longer numerals are refused before conversion
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
 
 
 class BadRequest(Exception):
@@ -194,8 +194,8 @@ def _numbers(value: Any, where: str, deadline: float, depth: int = 0) -> np.ndar
     """Nested lists of numbers -> a float64 array, refusing anything else.
 
     Checked element by element (strings and booleans would otherwise be cast
-    silently: ``np.asarray(["255", True], float)`` succeeds), and converted in
-    small pieces so that no single numpy call holds the GIL for long.
+    silently: ``np.asarray(["255", True], float)`` succeeds), and converted one
+    2-D block at a time, so that no single numpy call holds the GIL for long.
     """
     if type(value) is not list:
         raise BadRequest(422, f"{where} must be nested lists of numbers")
@@ -205,15 +205,27 @@ def _numbers(value: Any, where: str, deadline: float, depth: int = 0) -> np.ndar
         raise BadRequest(422, f"{where} is nested more than {MAX_JSON_DEPTH} lists deep")
     if time.monotonic() > deadline:
         raise BadRequest(413, "the request took too long to parse")
-    if type(value[0]) is list:
+    first = value[0]
+    if type(first) is list and first and type(first[0]) is list:  # 3-D or more: recurse
         parts = [_numbers(v, where, deadline, depth + 1) for v in value]
         shape = parts[0].shape
         if any(p.shape != shape for p in parts):
             raise BadRequest(422, f"{where} is not a regular array (rows differ in shape)")
         return np.stack(parts)
-    if any(type(v) is not float for v in value):  # every JSON number was parsed to float
-        raise BadRequest(422, f"{where} must hold numbers only (no strings, booleans or null)")
-    array = np.array(value, dtype=np.float64)
+    rows = value if type(first) is list else [value]
+    for row in rows:
+        if type(row) is not list:
+            raise BadRequest(422, f"{where} mixes numbers and lists at one level")
+        if not row:
+            raise BadRequest(422, f"{where} has an empty axis")
+        if depth + (row is not value) > MAX_JSON_DEPTH:
+            raise BadRequest(422, f"{where} is nested more than {MAX_JSON_DEPTH} lists deep")
+        if any(type(v) is not float for v in row):  # every JSON number was parsed to float
+            raise BadRequest(422, f"{where} must hold numbers only (no strings, booleans or null)")
+    try:
+        array = np.array(value, dtype=np.float64)
+    except ValueError as e:  # rows of different lengths
+        raise BadRequest(422, f"{where} is not a regular array (rows differ in length)") from e
     if not np.all(np.isfinite(array)):
         raise BadRequest(422, f"{where} contains non-finite numbers")
     return array
@@ -223,12 +235,29 @@ def _numbers(value: Any, where: str, deadline: float, depth: int = 0) -> np.ndar
 
 
 def _load_npy(body: bytes) -> np.ndarray:
+    """A ``.npy`` body as an array view, its header checked against its length first.
+
+    ``np.load`` would allocate what the header claims before reading the data, so
+    a 100-byte body claiming 10**10 elements could ask for 80 GB.
+    """
+    from numpy.lib import format as npy
+
+    stream = io.BytesIO(body)
     try:
-        return np.load(io.BytesIO(body), allow_pickle=False)
-    except (OSError, ValueError, EOFError, SyntaxError) as e:
+        version = npy.read_magic(stream)
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran, dtype = read_header(stream, max_header_size=10_000)
+    except (OSError, ValueError, EOFError, SyntaxError, TypeError) as e:
+        raise BadRequest(400, f"the body is not a readable .npy array: {e}") from e
+    if dtype.hasobject:
+        raise BadRequest(400, "the .npy body holds Python objects (pickles are refused)")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if count * dtype.itemsize != len(body) - stream.tell():
         raise BadRequest(
-            400, f"the body is not a readable .npy array (pickles are refused): {e}"
-        ) from e
+            400, f"the .npy header claims shape {shape} {dtype}, which the body does not hold"
+        )
+    array = np.frombuffer(body, dtype=dtype, count=count, offset=stream.tell())
+    return array.reshape(shape, order="F" if fortran else "C")
 
 
 def _raw_tensor(body: bytes, task: TaskSpec) -> np.ndarray:
@@ -325,12 +354,16 @@ def _open_image(data: bytes, index: int, limits: Limits) -> Any:
     from PIL import Image
 
     try:
-        image = Image.open(io.BytesIO(data))
+        # Only plain raster formats: Pillow's EPS plugin, for one, runs Ghostscript.
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as e:  # Pillow's own bound, far above ours
         raise BadRequest(413, f"image {index} has too many pixels ({e})") from e
     except Exception as e:  # Pillow's plugins raise many types on malformed files
         raise BadRequest(400, f"image {index} is not a readable image ({e})") from e
     width, height = image.size
+    if width < 1 or height < 1:
+        image.close()
+        raise BadRequest(400, f"image {index} is {width}x{height}: empty")
     if width * height > limits.max_image_pixels:
         image.close()
         raise BadRequest(
@@ -368,16 +401,6 @@ def _decode_images(blobs: list[bytes], spec: ImagePreprocessing, limits: Limits)
 def _decode(image: Any, index: int, mode: str, spec: ImagePreprocessing) -> np.ndarray:
     try:
         pixels = np.asarray(image.convert(mode), dtype=np.uint8)
+        return prepare([pixels], spec)
     except Exception as e:  # truncated or corrupt data shows only when decoding
         raise BadRequest(400, f"image {index} is not a readable image ({e})") from e
-    return prepare([pixels], spec)
-
-
-def run_checked(fn: Callable[[], np.ndarray]) -> np.ndarray:
-    """Run ``fn`` and refuse non-finite outputs (inputs far outside the trained range)."""
-    out = fn()
-    if not np.all(np.isfinite(out)):
-        raise BadRequest(
-            422, "the model's output for these inputs is not finite; inputs out of range?"
-        )
-    return out
