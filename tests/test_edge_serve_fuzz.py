@@ -7,6 +7,7 @@ flight, on a real uvicorn server: ``/healthz`` must answer within 100 ms.
 import asyncio
 import io
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import schemathesis
-from deploy_support import make_bundle, make_keys, serving
+from deploy_support import make_bundle, make_keys
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -27,6 +28,7 @@ from fedge.edge.device.metrics import ServeMetrics
 from fedge.edge.device.openapi import openapi_schema
 from fedge.edge.device.payload import Limits
 from fedge.edge.device.serve import ModelSlot, ServeConfig, create_app
+from fedge.shared.processes import ProcessGroup, free_port, port_open, wait_until
 
 FUZZ_CASES = 1000
 
@@ -229,9 +231,10 @@ def test_a_large_multipart_body_never_blocks_the_event_loop(tmp_path: Path, keys
     parsed multipart on its event loop stalled ``/healthz`` for ~27 s every time.
     """
     bundle = make_bundle(tmp_path / "v1", keys[0], "v1")
-    app = create_app(ServeConfig(trusted_key=keys[1], bundle=bundle))
     part = b'--B\r\nContent-Disposition: form-data; name="a"\r\n\r\nx\r\n'
     tiny_parts = (part * 161_000)[: (8 << 20) - 16] + b"--B--\r\n"
+    # 1600x1600 RGB noise: a 7.3 MiB PNG that takes ~100 ms to decode and resize here
+    # (parsed on the event loop, as a mutation check showed, /healthz took 101-121 ms).
     noise = np.random.default_rng(0).integers(0, 256, (1600, 1600, 3), dtype=np.uint8)
     big_file = (
         b'--B\r\nContent-Disposition: form-data; name="f"; filename="n.png"\r\n'
@@ -240,13 +243,21 @@ def test_a_large_multipart_body_never_blocks_the_event_loop(tmp_path: Path, keys
     assert len(big_file) > 7 << 20
     headers = {"content-type": "multipart/form-data; boundary=B"}
     attempts = []
-    with serving(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # Its own process, as on a device: the test's client threads do not share its GIL.
+    command = [sys.executable, "-m", "fedge", "edge", "serve", str(bundle), "--key",
+               str(keys[1]), "--port", str(port), "--workers", "1"]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with ProcessGroup() as group, httpx.Client(base_url=url, timeout=60) as http:
+        proc = group.start("serve", command, log)
+        wait_until(lambda: port_open("127.0.0.1", port), 90, "edge serve", proc, log)
         http.get("/healthz")  # connect once before measuring
         for _ in range(3):
             statuses: list[int] = []
 
             def upload(body: bytes, statuses: list[int] = statuses) -> None:
-                with httpx.Client(base_url=server.url, timeout=60) as other:
+                with httpx.Client(base_url=url, timeout=60) as other:
                     for _ in range(3):
                         response = other.post("/predict", content=body, headers=headers)
                         statuses.append(response.status_code)
