@@ -13,6 +13,12 @@ fp32 / int8 dynamic / int8 static, TFLite fp32 / int8) and measures, in one run:
 * the accuracy drop of every artifact on the demo task's test split (target <= 1 point).
 
     python benchmarks/edge_formats.py [--size 224] [--rounds 60] [--json results.json]
+    python benchmarks/edge_formats.py --variants --models resnet18,mobilenet_v3_small
+
+``--variants`` instead compares static int8 settings side by side on the same
+fp32 ONNX file (``fedge.edge.export.quantize``): each target's types
+(``STATIC_TARGETS``), per-tensor weights, and leaving all but Conv (and Gemm)
+in fp32, with the latency ratio to fp32 and the largest logit difference.
 
 Random-init backbones have meaningless accuracy; their export runs with the
 accuracy check off (``max_accuracy_drop=100``): they are here for size and speed.
@@ -146,6 +152,61 @@ def measure(report: Any, sample: np.ndarray, public_key: Path, rounds: int) -> d
     return {"ms": ms, "sizes": sizes, "ratios": ratios, "overhead": overhead, "drops": drops}
 
 
+VARIANTS: dict[str, dict[str, Any]] = {
+    "x86-64 (U8S8, 7-bit w)": {"target": "x86-64"},
+    "x86-64-vnni (U8S8)": {"target": "x86-64-vnni"},
+    "arm64 (S8S8)": {"target": "arm64"},
+    "U8S8 per-tensor": {"settings": {"per_channel": False}},
+    "U8S8 Conv+Gemm only": {"settings": {"op_types": ("Conv", "Gemm", "MatMul")}},
+    "U8S8 Conv only": {"settings": {"op_types": ("Conv",)}},
+}
+
+
+def variants(name: str, size: int, work: Path, rounds: int) -> dict[str, dict[str, float]]:
+    """Latency (ms, ratio to fp32) and max |logit diff| of each static int8 variant."""
+    import dataclasses
+
+    import torch
+
+    from fedge.edge.export.calibration import CalibrationReader
+    from fedge.edge.export.onnx_export import export_onnx
+    from fedge.edge.export.quantize import STATIC_TARGETS, quantize_onnx_static
+
+    model, _, evaluation, calibration = build_model(name, size, 0)
+    fp32 = work / f"{name}-fp32.onnx"
+    export_onnx(model, torch.from_numpy(evaluation.x[:1]), fp32)
+    paths = {"fp32": fp32}
+    reader = CalibrationReader(calibration.x)
+    for label, spec in VARIANTS.items():
+        target: Any = spec.get("target")
+        if target is None:
+            target = dataclasses.replace(STATIC_TARGETS["x86-64"], **spec["settings"])
+        paths[label] = quantize_onnx_static(fp32, work / f"{name}-{len(paths)}.onnx", reader,
+                                            method="minmax", target=target)  # fmt: skip
+    runners = {label: bare_runner(path, "onnx") for label, path in paths.items()}
+    x = np.ascontiguousarray(evaluation.x[:1], np.float32)
+    ms = interleaved(runners, x, rounds)
+    probe = np.ascontiguousarray(evaluation.x[:8], np.float32)
+    reference = np.concatenate([runners["fp32"](row[None])[0] for row in probe])
+    out = {}
+    for label, runner in runners.items():
+        got = np.concatenate([runner(row[None])[0] for row in probe])
+        out[label] = {"ms": ms[label], "ratio": ms[label] / ms["fp32"],
+                      "max_diff": float(np.abs(got - reference).max())}  # fmt: skip
+    return out
+
+
+def render_variants(results: dict[str, dict[str, dict[str, float]]]) -> None:
+    print("static int8 settings vs fp32 (ONNX Runtime, batch 1, 1 thread, interleaved medians)")
+    print(f"{'model':<20} {'variant':<26} {'ms':>8} {'ratio':>6} {'max |diff|':>11}")
+    for model, rows in results.items():
+        for label, r in rows.items():
+            print(f"{model:<20} {label:<26} {r['ms']:8.3f} {r['ratio']:6.2f} {r['max_diff']:11.4f}")
+        best = min((r["ratio"], label) for label, r in rows.items() if label != "fp32")
+        verdict = "MET " if best[0] <= TARGETS["latency"] else "MISS"
+        print(f"{verdict}  {model}: best static int8 <= 0.6x fp32: {best[0]:.2f} ({best[1]})")
+
+
 def render(results: dict[str, dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -184,7 +245,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="training epochs of the demo CNN")
     parser.add_argument("--models", default="resnet18,mobilenet_v3_small,cnn")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--variants", action="store_true", help="compare static int8 settings")
     args = parser.parse_args()
+    if args.variants:
+        with tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp:
+            found = {name: variants(name, args.size, Path(tmp), args.rounds)
+                     for name in args.models.split(",") if name != "cnn"}  # fmt: skip
+        render_variants(found)
+        if args.json:
+            args.json.write_text(json.dumps(found, indent=2))
+        return
     from fedge.shared import signing
 
     results: dict[str, dict[str, Any]] = {}

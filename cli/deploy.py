@@ -154,8 +154,24 @@ def serve(
     precision: Annotated[str | None, typer.Option(help="Artifact precision: fp32 or int8.")] = None,
     max_body_mb: Annotated[float, typer.Option(min=0.01, help="Largest request body.")] = 8.0,
     threads: Annotated[
-        int | None, typer.Option(min=1, help="Runtime threads per inference [default: runtime's].")
+        int | None,
+        typer.Option(min=1, help="Runtime threads per worker [default: cores / workers]."),
     ] = None,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Worker processes; 0 = one per CPU core.")
+    ] = 0,
+    select: Annotated[
+        str, typer.Option(help="Artifact choice: fastest (measured here) or smallest.")
+    ] = "fastest",
+    artifact: Annotated[
+        str | None, typer.Option(help="Serve exactly this artifact file (no measuring).")
+    ] = None,
+    batching: Annotated[
+        bool, typer.Option(help="Run concurrent requests as one batch (dynamic-batch artifacts).")
+    ] = True,
+    batch_delay_ms: Annotated[
+        float, typer.Option(min=0.0, help="Longest wait for requests to fill a micro-batch.")
+    ] = 2.0,
 ) -> None:
     """Serve POST /predict, GET /healthz and GET /metrics for a bundle or the agent's model."""
     from rich.console import Console
@@ -170,14 +186,24 @@ def serve(
         precision=precision,
         max_body_bytes=int(max_body_mb * (1 << 20)),
         threads=threads,
+        workers=workers,
+        select=select,
+        artifact=artifact,
+        batching=batching,
+        batch_delay_ms=batch_delay_ms,
     )
-    if (bundle is None) == (agent_dir is None):
-        from fedge.shared.errors import ConfigError
+    from fedge.shared.errors import ConfigError
 
+    if (bundle is None) == (agent_dir is None):
         raise ConfigError("serve either a BUNDLE or --agent-dir DIR (exactly one)")
+    if select not in ("fastest", "smallest"):
+        raise ConfigError(f"--select {select!r}: use fastest or smallest")
     if host not in ("127.0.0.1", "localhost", "::1"):
         Console().print(f"[yellow]serving on {host}: anyone who can reach it can predict[/]")
-    Console().print(f"serving on http://{host}:{port} (POST /predict, GET /healthz, GET /metrics)")
+    Console().print(
+        f"serving on http://{host}:{port} "
+        "(POST /predict, GET /healthz, GET /metrics, GET /openapi.json)"
+    )
     run_server(config, host, port)
 
 

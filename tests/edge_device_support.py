@@ -52,11 +52,16 @@ class Linear:
         return (x.reshape(len(x), -1) @ self.w + self.b).astype(np.float32)
 
 
-def write_onnx(path: Path, model: Linear, input_shape: Sequence[int], extra_fp32: int = 0) -> None:
+def write_onnx(
+    path: Path, model: Linear, input_shape: Sequence[int], extra_fp32: int = 0, slow_ops: int = 0
+) -> None:
     """ONNX Flatten -> MatMul -> Add with a free batch dimension.
 
     ``extra_fp32`` adds an unused float initializer of that many values, to make a
-    file bigger (artifact selection tests compare sizes).
+    file bigger (artifact selection tests compare sizes). ``slow_ops`` chains that
+    many extra nodes in front, alternately ``Mul(x, 2)`` and ``Mul(x, 0.5)`` (exact in
+    float, and not folded away by ONNX Runtime): a small file that runs slower
+    (artifact selection by speed).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -64,9 +69,19 @@ def write_onnx(path: Path, model: Linear, input_shape: Sequence[int], extra_fp32
     inits = [numpy_helper.from_array(model.w, "W"), numpy_helper.from_array(model.b, "B")]
     if extra_fp32:
         inits.append(numpy_helper.from_array(np.ones(extra_fp32, np.float32), "padding"))
+    slow = []
+    source = "input"
+    if slow_ops:
+        inits.append(numpy_helper.from_array(np.full(1, 2.0, np.float32), "two"))
+        inits.append(numpy_helper.from_array(np.full(1, 0.5, np.float32), "half"))
+        for i in range(slow_ops):
+            factor = "two" if i % 2 == 0 else "half"
+            slow.append(helper.make_node("Mul", [source, factor], [f"slow{i}"]))
+            source = f"slow{i}"
     graph = helper.make_graph(
         [
-            helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+            *slow,
+            helper.make_node("Flatten", [source], ["flat"], axis=1),
             helper.make_node("MatMul", ["flat", "W"], ["mm"]),
             helper.make_node("Add", ["mm", "B"], ["logits"]),
         ],
@@ -149,6 +164,7 @@ class ArtifactPlan:
     batch: int | None = None  # fixed TFLite batch; None = dynamic
     extra_fp32: int = 0
     passed: bool = True
+    slow_ops: int = 0
 
 
 DEFAULT_PLANS = (ArtifactPlan("model-fp32.onnx"),)
@@ -179,7 +195,7 @@ def make_bundle(
     for plan in plans:
         path = directory / "artifacts" / plan.name
         if plan.format == "onnx":
-            write_onnx(path, model, shape, plan.extra_fp32)
+            write_onnx(path, model, shape, plan.extra_fp32, plan.slow_ops)
             in_shape = shape
         else:
             in_shape = write_tflite(path, model, shape, plan.batch, plan.layout)

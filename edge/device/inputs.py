@@ -98,30 +98,36 @@ def read_csv(path: Path, columns: Sequence[str]) -> tuple[np.ndarray, list[str]]
     return np.asarray(rows, dtype=np.float32), names
 
 
-def _npy_images(path: Path, array: np.ndarray, spec: ImagePreprocessing) -> list[np.ndarray]:
+def _npy_images(name: str, array: np.ndarray, spec: ImagePreprocessing) -> list[np.ndarray]:
     """A uint8 .npy as raw images: HxW, HxWxC, (N,H,W) or (N,H,W,C)."""
     if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4)):
         return [array]
     if array.ndim in (3, 4):
         return list(array)
-    raise DataError(f"{path}: a uint8 array of shape {array.shape} is not an image or images")
+    raise DataError(f"{name}: a uint8 array of shape {array.shape} is not an image or images")
 
 
-def read_npy(
-    path: Path, task: TaskSpec, preprocessed: bool | None = None
-) -> tuple[np.ndarray, list[str]]:
-    """A ``.npy`` file as preprocessed inputs.
+def array_inputs(
+    array: np.ndarray, task: TaskSpec, preprocessed: bool | None = None, name: str = "array"
+) -> np.ndarray:
+    """A numeric array (from a ``.npy`` file or request) as preprocessed model inputs.
 
     ``preprocessed=None`` decides by content: for an image task uint8 arrays are
     raw images and float arrays shaped ``(N, *input_shape)`` are model inputs;
     for a tabular task arrays are raw rows (pass ``True`` for standardised rows).
+
+    Raises
+    ------
+    DataError
+        Booleans or non-numbers, an empty axis, non-finite values, or a shape
+        that fits neither raw examples nor model inputs.
     """
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path} is not a readable .npy array (object arrays are refused)") from e
-    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-        raise DataError(f"{path} holds {array.dtype} values, not numbers")
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise DataError(f"{name} holds {array.dtype} values, not real numbers")
+    if array.size == 0 or 0 in array.shape:
+        raise DataError(f"{name} has shape {array.shape}: an axis is empty")
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        raise DataError(f"{name} contains non-finite numbers")
     shape = task.input_shape
     if array.shape == shape:
         array = array[None]
@@ -131,21 +137,34 @@ def read_npy(
     if preprocessed:
         if array.shape[1:] != shape or not np.issubdtype(array.dtype, np.floating):
             raise DataError(
-                f"{path} holds {array.dtype} {array.shape}, but preprocessed inputs must be "
+                f"{name} holds {array.dtype} {array.shape}, but preprocessed inputs must be "
                 f"float (N, {', '.join(map(str, shape))})"
                 + ("; raw images must be uint8" if isinstance(pre, ImagePreprocessing) else "")
             )
         x = np.ascontiguousarray(array, dtype=np.float32)
-    elif isinstance(pre, ImagePreprocessing):
+        if not np.all(np.isfinite(x)):
+            raise DataError(f"{name} has values beyond float32's range")
+        return x
+    if isinstance(pre, ImagePreprocessing):
         if array.dtype != np.uint8:
-            raise DataError(f"{path}: raw images must be uint8, not {array.dtype}")
-        x = prepare(_npy_images(path, array, pre), pre)
-    else:
-        rows = array[None] if array.ndim == 1 else array
-        try:
-            x = prepare(rows, pre)
-        except DataError as e:
-            raise DataError(f"{path}: {e}") from e
+            raise DataError(f"{name}: raw images must be uint8, not {array.dtype}")
+        return prepare(_npy_images(name, array, pre), pre)
+    rows = array[None] if array.ndim == 1 else array
+    try:
+        return prepare(rows, pre)
+    except DataError as e:
+        raise DataError(f"{name}: {e}") from e
+
+
+def read_npy(
+    path: Path, task: TaskSpec, preprocessed: bool | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """A ``.npy`` file as preprocessed inputs (see ``array_inputs``)."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is not a readable .npy array (object arrays are refused)") from e
+    x = array_inputs(array, task, preprocessed, str(path))
     names = [path.name] if len(x) == 1 else [f"{path.name}[{i}]" for i in range(len(x))]
     return x, names
 

@@ -7,6 +7,7 @@ event loop thread, so no lock is needed.
 
 import collections
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,8 @@ class ServeMetrics:
         self.reloads = 0
         self.reload_failures = 0
         self.model_info: dict[str, str] = {}
+        self.artifact_choice: Any = None  # selection.ArtifactChoice of the served model
+        self.batcher: Any = None  # batching.MicroBatcher, for its counters
         self.recent: collections.deque[float] = collections.deque(maxlen=window)
         self.started = time.time()
 
@@ -95,10 +98,51 @@ class ServeMetrics:
             "# TYPE fedge_model_reload_failures_total counter",
             f"fedge_model_reload_failures_total {self.reload_failures}",
         ]
+        lines += self._choice_lines() + self._batch_lines()
         return "\n".join(lines) + "\n"
+
+    def _choice_lines(self) -> list[str]:
+        """How the served artifact was chosen, and each candidate's measured latency."""
+        choice = self.artifact_choice
+        lines = [
+            "# HELP fedge_artifact_selected The served artifact and why (value is always 1).",
+            "# TYPE fedge_artifact_selected gauge",
+        ]
+        artifact = self.model_info.get("artifact", "")
+        reason = choice.reason if choice is not None else "configured"
+        if artifact:
+            lines.append(
+                f"fedge_artifact_selected{_labels({'artifact': artifact, 'reason': reason})} 1"
+            )
+        lines += [
+            "# HELP fedge_artifact_latency_seconds Median batch-1 latency measured at selection.",
+            "# TYPE fedge_artifact_latency_seconds gauge",
+        ]
+        for file, ms in (choice.p50_ms if choice is not None else {}).items():
+            name = Path(file).name
+            lines.append(
+                f"fedge_artifact_latency_seconds{_labels({'artifact': name})} {ms / 1e3:.6g}"
+            )
+        return lines
+
+    def _batch_lines(self) -> list[str]:
+        batcher = self.batcher
+        if batcher is None:
+            return []
+        return [
+            "# HELP fedge_batches_total Model runs of the micro-batcher.",
+            "# TYPE fedge_batches_total counter",
+            f"fedge_batches_total {batcher.batches}",
+            "# HELP fedge_batched_examples_total Examples run through the micro-batcher.",
+            "# TYPE fedge_batched_examples_total counter",
+            f"fedge_batched_examples_total {batcher.batched_examples}",
+        ]
 
     def stats(self) -> dict[str, Any]:
         """What ``edge serve --agent-dir`` hands the agent to report (``serve-stats.json``)."""
         out: dict[str, Any] = {"written_at": time.time(), "requests": sum(self.requests.values())}
         out.update(self.percentiles_ms() or {})
+        if self.artifact_choice is not None:
+            out["artifact"] = self.artifact_choice.file
+            out["artifact_selection"] = self.artifact_choice.reason
         return out

@@ -50,10 +50,11 @@ class Prediction:
 
     def probabilities(self) -> np.ndarray:
         """Softmax over classes, (N, K)."""
-        return _softmax(self.logits)
+        return softmax(self.logits)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis of (N, K) logits, stable for large values."""
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
 
@@ -70,6 +71,24 @@ def available_formats() -> tuple[str, ...]:
 
 def _matches_precision(entry: ArtifactEntry, precision: str) -> bool:
     return entry.precision == precision or entry.precision.startswith(precision)
+
+
+def runnable_artifacts(
+    manifest: Manifest,
+    format: str | None = None,
+    precision: str | None = None,
+    available: Sequence[str] | None = None,
+) -> list[ArtifactEntry]:
+    """Artifacts that passed validation, match the filters and have a runtime here."""
+    available = available_formats() if available is None else tuple(available)
+    return [
+        a
+        for a in manifest.artifacts
+        if a.passed
+        and a.format in available
+        and (format is None or a.format == format)
+        and (precision is None or _matches_precision(a, precision))
+    ]
 
 
 def select_artifact(
@@ -343,6 +362,12 @@ class EdgeModel:
         return self.manifest.labels
 
     @property
+    def dynamic_batch(self) -> bool:
+        """Whether the artifact takes any batch size in one call (micro-batching helps)."""
+        spec = self.artifact.inputs[0] if self.artifact.inputs else self._input
+        return not spec.shape or spec.shape[0] < 0
+
+    @property
     def input_spec(self) -> TensorSpec:
         """The model input every ``predict_tensor`` call must match."""
         return self._input
@@ -386,7 +411,7 @@ class EdgeModel:
             logits = np.concatenate(chunks)
         logits = np.asarray(logits, dtype=np.float32)
         indices = logits.argmax(axis=1)
-        scores = _softmax(logits)[np.arange(len(indices)), indices].astype(np.float32)
+        scores = softmax(logits)[np.arange(len(indices)), indices].astype(np.float32)
         labels = [self.labels[i] if i < len(self.labels) else str(i) for i in indices]
         return Prediction(labels, indices, scores, logits)
 

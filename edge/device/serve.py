@@ -1,23 +1,24 @@
 """HTTP serving of a verified bundle on a device: ``/predict``, ``/healthz``, ``/metrics``.
 
 Starlette on uvicorn: both are already edge dependencies, torch-free and small,
-parse HTTP robustly, and let slow clients wait without holding a thread while
-inference runs in a thread pool (onnxruntime runs concurrent calls in
-parallel). With ``--agent-dir`` the server follows the agent's ``current``
-symlink: a new version is loaded and self-tested first, then one reference is
-swapped; requests already running keep the model object they started with, so
-a switch never fails a request.
+parse HTTP robustly, and let slow clients wait without holding a thread. The
+event loop only moves bytes: request bodies are parsed (``payload``) and models
+run in worker threads, and concurrent requests for a model with a free batch
+dimension run as one batch (``batching``). ``run_server`` can start several
+worker processes, each with its own model. With ``--agent-dir`` every worker
+follows the agent's ``current`` symlink: a new version is loaded and
+self-tested first, then one reference is swapped; requests already running keep
+the model object they started with, so a switch never fails a request.
 """
 
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +29,26 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from fedge.edge.device.batching import MicroBatcher
 from fedge.edge.device.metrics import ServeMetrics
-from fedge.edge.device.runtime import EdgeModel
+from fedge.edge.device.openapi import openapi_schema
+from fedge.edge.device.payload import BadRequest, Limits, parse_body
+from fedge.edge.device.runtime import EdgeModel, softmax
+from fedge.edge.device.selection import (
+    CHOICE_FILE,
+    ArtifactChoice,
+    choose_and_record,
+    choose_fastest_artifact,
+)
 from fedge.shared.atomic import atomic_write_json
 from fedge.shared.errors import BundleError, DataError
-from fedge.shared.tasks import ImagePreprocessing
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 << 20
 MAX_BATCH = 256
-MAX_IMAGE_PIXELS = 25_000_000
-
-
-class HTTPProblem(Exception):
-    """A request the server refuses, with the status code and a message for the client."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+CONFIG_ENV = "FEDGE_SERVE_CONFIG"  # how ``run_server`` hands the config to worker processes
+HTTPProblem = BadRequest  # the name this module used before ``payload`` existed
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,34 @@ class ServeConfig:
     max_batch: int = MAX_BATCH
     watch_interval: float = 0.5
     threads: int | None = None  # runtime intra-op threads; 1 suits many small concurrent calls
+    artifact: str | None = None  # serve exactly this artifact (no measuring)
+    select: str = "fastest"  # fastest (measured here) | smallest (no measuring)
+    batching: bool = True  # micro-batch concurrent requests when the artifact allows it
+    batch_delay_ms: float = 2.0
+    max_request_pixels: int = Limits.max_request_pixels
+    max_parts: int = Limits.max_parts
+    workers: int = 1
+    choice: dict[str, Any] | None = None  # a choice measured by the parent (workers)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_body_bytes=self.max_body_bytes,
+            max_batch=self.max_batch,
+            max_request_pixels=self.max_request_pixels,
+            max_parts=self.max_parts,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), default=str)
+
+    @staticmethod
+    def from_json(text: str) -> "ServeConfig":
+        data = json.loads(text)
+        for key in ("trusted_key", "bundle", "agent_dir"):
+            if data.get(key) is not None:
+                data[key] = Path(data[key])
+        return ServeConfig(**data)
 
 
 class ModelSlot:
@@ -79,26 +109,50 @@ class ModelSlot:
         link = self.config.agent_dir / "current"  # type: ignore[operator]
         return link.resolve() if os.path.lexists(link) and link.exists() else None
 
-    def set(self, model: EdgeModel, source: Path) -> None:
+    def set(self, model: EdgeModel, source: Path, choice: ArtifactChoice | None = None) -> None:
         """Serve ``model`` from now on: one reference assignment (atomic for other tasks)."""
         self.model, self.target = model, str(source)
         self.metrics.reloads += 1
         self.metrics.model_info = {k: str(v) for k, v in model.describe().items() if k != "size"}
+        self.metrics.artifact_choice = choice
         log.info("serving version %s (%s)", model.manifest.version, model.artifact.file)
 
-    def load(self, path: Path) -> EdgeModel:
-        """Verify, load and self-test the bundle at ``path`` (blocking)."""
+    def choose(self, path: Path) -> ArtifactChoice | None:
+        """The artifact to serve from ``path``: measured or recorded; None = the smallest."""
+        config = self.config
+        if config.artifact is not None or config.select != "fastest":
+            return None
+        if config.choice is not None and config.bundle is not None:
+            return ArtifactChoice.from_dict(config.choice)  # measured once by the parent
+        if config.agent_dir is not None:
+            # Shared with the agent and the other workers: measured once per version.
+            return choose_and_record(
+                path,
+                config.trusted_key,
+                config.agent_dir / CHOICE_FILE,
+                config.format,
+                config.precision,
+                threads=config.threads,
+            )
+        return choose_fastest_artifact(path, config.trusted_key, config.format,
+                                       config.precision, threads=config.threads)  # fmt: skip
+
+    def load(self, path: Path) -> tuple[EdgeModel, ArtifactChoice | None]:
+        """Verify, choose an artifact, load it and self-test it (blocking)."""
+        choice = self.choose(path)
         model = EdgeModel.open(
             path,
             self.config.trusted_key,
             self.config.format,
             self.config.precision,
+            artifact=choice.file if choice is not None else self.config.artifact,
             threads=self.config.threads,
         )
         result = model.self_test()
         if not result.passed:
+            model.close()
             raise BundleError(f"{path}: self-test failed ({result.detail}); not serving it")
-        return model
+        return model, choice
 
     async def refresh(self) -> None:
         """Load the bundle ``current`` points at if it changed; keep the old one on failure."""
@@ -106,129 +160,48 @@ class ModelSlot:
         if source is None or str(source) == self.target:
             return
         try:
-            model = await run_in_threadpool(self.load, source)
+            model, choice = await run_in_threadpool(self.load, source)
         except Exception as e:  # FedgeError, or a runtime's own error type while self-testing
             self.metrics.reload_failures += 1
             self.target = str(source)  # do not retry a broken version on every tick
             log.error("cannot serve %s, keeping the previous model: %s", source, e)
             return
         # The swap: new requests see the new model; running ones hold the old object.
-        self.set(model, source)
-
-
-def _reject_constant(name: str) -> Any:
-    raise HTTPProblem(400, f"JSON contains {name}; numbers must be finite")
+        self.set(model, source, choice)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPProblem(413, f"request body is {declared} bytes; the limit is {limit}")
+        raise BadRequest(413, f"request body is {declared} bytes; the limit is {limit}")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise HTTPProblem(413, f"request body is over the {limit}-byte limit")
+            raise BadRequest(413, f"request body is over the {limit}-byte limit")
     return bytes(body)
 
 
-def _decode_image(data: bytes, spec: ImagePreprocessing) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise HTTPProblem(413, f"image is {image.width}x{image.height}; too many pixels")
-            return np.asarray(image.convert("L" if spec.channels == 1 else "RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise HTTPProblem(400, f"the uploaded file is not a readable image ({e})") from e
+def _run_model(model: EdgeModel, x: np.ndarray) -> np.ndarray:
+    """Logits for a batch (in a worker thread)."""
+    return np.asarray(model.predict_tensor(x), dtype=np.float32)
 
 
-def _multipart_images(body: bytes, content_type: str) -> list[bytes]:
-    """File parts of a multipart/form-data body (stdlib parser: no python-multipart needed)."""
-    from email.parser import BytesParser
-    from email.policy import HTTP
-
-    message = BytesParser(policy=HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
-    )
-    if not message.is_multipart():
-        raise HTTPProblem(400, "malformed multipart body")
-    files = [
-        part.get_payload(decode=True)
-        for part in message.iter_parts()
-        if part.get_filename() is not None or part.get_content_maintype() == "image"
-    ]
-    if not files:
-        raise HTTPProblem(400, "multipart body has no file part (send the image as a file)")
-    return [f for f in files if isinstance(f, bytes)]
-
-
-def _json_inputs(body: bytes, model: EdgeModel, max_batch: int) -> tuple[Any, bool, bool]:
-    """``{"inputs": [...], "preprocessed": bool, "return_logits": bool}`` -> (inputs, flags)."""
-    try:
-        payload = json.loads(body, parse_constant=_reject_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HTTPProblem(400, f"body is not valid JSON: {e}") from e
-    if not isinstance(payload, dict) or "inputs" not in payload:
-        raise HTTPProblem(400, 'expected a JSON object {"inputs": [...]}')
-    inputs, preprocessed = payload["inputs"], payload.get("preprocessed", False)
-    if not isinstance(inputs, list) or not inputs:
-        raise HTTPProblem(422, '"inputs" must be a non-empty list of examples')
-    if len(inputs) > max_batch:
-        raise HTTPProblem(413, f"{len(inputs)} examples in one request; the limit is {max_batch}")
-    if not isinstance(preprocessed, bool):
-        raise HTTPProblem(422, '"preprocessed" must be true or false')
-    pre = model.task.preprocessing
-    if preprocessed:
-        return _array(inputs, np.float32), True, bool(payload.get("return_logits"))
-    if isinstance(pre, ImagePreprocessing):
-        images = []
-        for i, item in enumerate(inputs):
-            array = _array(item, np.float64)
-            if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
-                raise HTTPProblem(
-                    422, f"inputs[{i}] has shape {array.shape}; expected HxW or HxWxC"
-                )
-            if array.min() < 0 or array.max() > 255 or not np.all(array == np.round(array)):
-                raise HTTPProblem(422, f"inputs[{i}] must hold integer pixel values 0..255")
-            images.append(array.astype(np.uint8))
-        return images, False, bool(payload.get("return_logits"))
-    rows = [_row(item, pre.columns, i) for i, item in enumerate(inputs)]
-    return _array(rows, np.float32), False, bool(payload.get("return_logits"))
-
-
-def _row(item: Any, columns: tuple[str, ...], i: int) -> Any:
-    """A tabular row given as a list, or as an object keyed by column name."""
-    if not isinstance(item, dict):
-        return item
-    missing = [c for c in columns if c not in item]
-    if missing:
-        raise HTTPProblem(422, f"inputs[{i}] lacks columns {missing}")
-    return [item[c] for c in columns]
-
-
-def _array(value: Any, dtype: type) -> np.ndarray:
-    try:
-        array: np.ndarray = np.asarray(value, dtype=dtype)
-    except (ValueError, TypeError) as e:
-        raise HTTPProblem(422, f"inputs are not a regular array of numbers ({e})") from e
-    if not np.all(np.isfinite(array)):
-        raise HTTPProblem(422, "inputs contain non-finite numbers")
-    return array
-
-
-def _answer(model: EdgeModel, inputs: Any, preprocessed: bool, logits: bool) -> dict[str, Any]:
-    """Run the model (in a worker thread) and shape the JSON answer."""
-    prediction = model.predict(inputs) if preprocessed else model.predict_raw(inputs)
-    predictions = [
-        {"label": label, "index": int(index), "score": float(score)}
-        for label, index, score in zip(
-            prediction.labels, prediction.indices, prediction.scores, strict=True
+def _answer(model: EdgeModel, logits: np.ndarray, return_logits: bool) -> dict[str, Any]:
+    """Shape the JSON answer; non-finite scores (inputs far out of range) are the client's."""
+    if not np.all(np.isfinite(logits)):
+        raise BadRequest(
+            422, "the model's output for these inputs is not finite; are they out of range?"
         )
+    indices = logits.argmax(axis=1)
+    scores = softmax(logits)[np.arange(len(indices)), indices]
+    labels = model.labels
+    predictions: list[dict[str, Any]] = [
+        {"label": labels[i] if i < len(labels) else str(i), "index": int(i), "score": float(p)}
+        for i, p in zip(indices.tolist(), scores.tolist(), strict=True)
     ]
-    if logits:
-        for entry, row in zip(predictions, prediction.logits.tolist(), strict=True):
+    if return_logits:
+        for entry, row in zip(predictions, logits.tolist(), strict=True):
             entry["logits"] = row
     return {
         "version": model.manifest.version,
@@ -238,7 +211,9 @@ def _answer(model: EdgeModel, inputs: Any, preprocessed: bool, logits: bool) -> 
     }
 
 
-def create_app(config: ServeConfig, model: EdgeModel | None = None) -> Starlette:
+def create_app(
+    config: ServeConfig, model: EdgeModel | None = None, choice: ArtifactChoice | None = None
+) -> Starlette:
     """The serving app; with ``config.agent_dir`` it follows the agent's activations.
 
     Parameters
@@ -248,6 +223,8 @@ def create_app(config: ServeConfig, model: EdgeModel | None = None) -> Starlette
     model
         The already loaded model of ``config.bundle`` (``load_bundle``); loaded at
         start-up when omitted.
+    choice
+        How ``model``'s artifact was chosen (shown in ``/metrics``).
 
     Raises
     ------
@@ -260,8 +237,11 @@ def create_app(config: ServeConfig, model: EdgeModel | None = None) -> Starlette
         raise ConfigError("serve either a BUNDLE or --agent-dir DIR (exactly one)")
     metrics = ServeMetrics()
     slot = ModelSlot(config, metrics)
+    limits = config.limits
     if model is not None and config.bundle is not None:
-        slot.set(model, config.bundle.resolve())
+        slot.set(model, config.bundle.resolve(), choice)
+    batcher = MicroBatcher(_run_model, config.max_batch, config.batch_delay_ms / 1000.0)
+    metrics.batcher = batcher
 
     async def predict(request: Request) -> Response:
         start = time.perf_counter()
@@ -269,32 +249,21 @@ def create_app(config: ServeConfig, model: EdgeModel | None = None) -> Starlette
         status, count = 200, 0
         try:
             if model is None:
-                raise HTTPProblem(503, "no model is active yet")
+                raise BadRequest(503, "no model is active yet")
             content_type = request.headers.get("content-type", "application/json")
-            kind = content_type.split(";")[0].strip().lower()
-            body = await _read_body(request, config.max_body_bytes)
-            image_task = isinstance(model.task.preprocessing, ImagePreprocessing)
-            if kind in ("application/json", "text/json"):
-                inputs, preprocessed, logits = _json_inputs(body, model, config.max_batch)
-            elif kind.startswith("image/") or kind == "multipart/form-data":
-                if not image_task:
-                    raise HTTPProblem(415, "this model takes tabular rows as JSON, not images")
-                files = (
-                    [body] if kind.startswith("image/") else _multipart_images(body, content_type)
-                )
-                if len(files) > config.max_batch:
-                    raise HTTPProblem(413, f"{len(files)} images; the limit is {config.max_batch}")
-                spec = model.task.preprocessing
-                # Decoding can take milliseconds: off the event loop, like inference.
-                inputs = await run_in_threadpool(lambda: [_decode_image(f, spec) for f in files])  # type: ignore[arg-type]
-                preprocessed, logits = False, False
+            with batcher.arriving_request():
+                body = await _read_body(request, config.max_body_bytes)
+                # Parsing and decoding can take long: off the event loop, like inference.
+                parsed = await run_in_threadpool(parse_body, body, content_type, model.task, limits)
+            count = len(parsed.x)
+            if config.batching and model.dynamic_batch and batcher.running():
+                logits = await batcher.submit(model, parsed.x)
             else:
-                raise HTTPProblem(415, f"unsupported content type {kind!r}; send JSON or an image")
-            count = len(inputs)
-            answer = await run_in_threadpool(_answer, model, inputs, preprocessed, logits)
+                logits = await run_in_threadpool(_run_model, model, parsed.x)
+            answer = _answer(model, logits, parsed.return_logits)
             answer["latency_ms"] = (time.perf_counter() - start) * 1000
             return JSONResponse(answer)
-        except HTTPProblem as e:
+        except BadRequest as e:
             status = e.status
             return JSONResponse({"error": str(e)}, status_code=e.status)
         except DataError as e:
@@ -311,10 +280,20 @@ def create_app(config: ServeConfig, model: EdgeModel | None = None) -> Starlette
         model = slot.model
         if model is None:
             return JSONResponse({"status": "no-model"}, status_code=503)
-        return JSONResponse({"status": "ok", **model.describe()})
+        chosen = metrics.artifact_choice
+        selection = chosen.reason if chosen is not None else (
+            "pinned" if config.artifact else "smallest"
+        )  # fmt: skip
+        return JSONResponse({"status": "ok", **model.describe(), "selection": selection,
+                             "pid": os.getpid()})  # fmt: skip
 
     async def metrics_endpoint(request: Request) -> Response:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    schema = openapi_schema(limits)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(schema)
 
     async def watch() -> None:
         """Follow ``current`` (agent mode) and hand latency figures to the agent."""
@@ -338,6 +317,7 @@ def create_app(config: ServeConfig, model: EdgeModel | None = None) -> Starlette
         await slot.refresh()
         if slot.model is None and config.bundle is not None:
             raise BundleError(f"cannot serve {config.bundle}; see the log above")
+        batcher.start()
         task = asyncio.create_task(watch())
         try:
             yield
@@ -345,20 +325,45 @@ def create_app(config: ServeConfig, model: EdgeModel | None = None) -> Starlette
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            await batcher.stop()
 
     routes = [
         Route("/predict", predict, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.slot = slot
     app.state.metrics = metrics
+    app.state.batcher = batcher
     return app
+
+
+def app_from_environment() -> Starlette:
+    """The app of one worker process, configured by ``run_server`` through the environment."""
+    text = os.environ.get(CONFIG_ENV)
+    if not text:
+        from fedge.shared.errors import ConfigError
+
+        raise ConfigError(f"{CONFIG_ENV} is not set; start workers with run_server")
+    return create_app(ServeConfig.from_json(text))
+
+
+def default_workers() -> int:
+    """One worker process per CPU this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080) -> None:
     """Serve until interrupted (blocking). A bad BUNDLE fails here, before listening.
+
+    With ``config.workers > 1`` uvicorn starts that many worker processes; each
+    loads its own model (a BUNDLE's artifact is measured once, here) and, with
+    ``agent_dir``, follows ``current`` on its own, so every worker switches.
 
     Raises
     ------
@@ -367,7 +372,25 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080) -
     """
     import uvicorn
 
-    model = None
+    workers = config.workers if config.workers > 0 else default_workers()
+    if config.threads is None and workers > 1:
+        # Workers x intra-op threads = cores: more only makes them fight for the CPUs.
+        config = replace(config, threads=max(1, default_workers() // workers))
+    model, choice = None, None
     if config.bundle is not None:
-        model = ModelSlot(config, ServeMetrics()).load(config.bundle)
-    uvicorn.run(create_app(config, model), host=host, port=port, log_level="warning")
+        model, choice = ModelSlot(config, ServeMetrics()).load(config.bundle)
+        config = replace(config, choice=None if choice is None else choice.to_dict())
+    if workers <= 1:
+        uvicorn.run(create_app(config, model, choice), host=host, port=port, log_level="warning")
+        return
+    if model is not None:
+        model.close()  # each worker loads its own copy
+    os.environ[CONFIG_ENV] = config.to_json()
+    uvicorn.run(
+        "fedge.edge.device.serve:app_from_environment",
+        factory=True,
+        workers=workers,
+        host=host,
+        port=port,
+        log_level="warning",
+    )

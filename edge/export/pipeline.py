@@ -166,7 +166,11 @@ def _reason(error: BaseException) -> str:
 
 
 def _builders(
-    model: nn.Module, sample: torch.Tensor, work: Path, reader: CalibrationReader | None
+    model: nn.Module,
+    sample: torch.Tensor,
+    work: Path,
+    reader: CalibrationReader | None,
+    target: str = "x86-64",
 ) -> dict[str, Callable[[Path], Path]]:
     from fedge.edge.export.onnx_export import export_onnx
     from fedge.edge.export.quantize import quantize_onnx_dynamic, quantize_onnx_static
@@ -175,7 +179,7 @@ def _builders(
     def static(path: Path) -> Path:
         if reader is None:
             raise ExportError("static quantization needs calibration data")
-        return quantize_onnx_static(work / "model-fp32.onnx", path, reader)
+        return quantize_onnx_static(work / "model-fp32.onnx", path, reader, target=target)
 
     return {
         "model-fp32.onnx": lambda p: export_onnx(model, sample, p),
@@ -202,6 +206,7 @@ def export_model(
     privacy: Mapping[str, Any] | None = None,
     progress: bool = True,
     force: bool = False,
+    target: str = "x86-64",
 ) -> ExportReport:
     """Export an in-memory model to a signed bundle (``export_bundle`` without the checkpoint).
 
@@ -232,7 +237,7 @@ def export_model(
     ) as step:
         work = Path(tmp)
         reader = None if calibration is None else CalibrationReader(calibration.x)
-        builders = _builders(model, torch.from_numpy(eval_set.x[:1]), work, reader)
+        builders = _builders(model, torch.from_numpy(eval_set.x[:1]), work, reader, target)
         built = _build_all(plans, builders, work, skipped, step)
         for artifact in built.values():
             if artifact.format == "onnx":
@@ -346,6 +351,7 @@ def export_bundle(
     progress: bool = True,
     force: bool = False,
     version: str | None = None,
+    target: str = "x86-64",
 ) -> ExportReport:
     """Export a run's global model (or a checkpoint) to a validated, signed edge bundle.
 
@@ -375,6 +381,9 @@ def export_bundle(
         Replace an existing ``out_dir``.
     version
         The bundle version (default ``<run>-r<round>-<UTC time>``).
+    target
+        The device CPU static int8 is tuned for: ``x86-64`` (the default; any x86
+        CPU), ``x86-64-vnni`` or ``arm64`` (``quantize.STATIC_TARGETS``).
 
     Returns
     -------
@@ -412,9 +421,7 @@ def export_bundle(
     )
     eval_set = load_prepared(eval_spec, ckpt.task, label_column=cfg.label_column)
     calibration_set = (
-        load_prepared(
-            calibration_spec, ckpt.task, DEFAULT_CALIBRATION_EXAMPLES, cfg.label_column
-        )
+        load_prepared(calibration_spec, ckpt.task, DEFAULT_CALIBRATION_EXAMPLES, cfg.label_column)
         if calibration_spec
         else None
     )
@@ -445,4 +452,5 @@ def export_bundle(
         privacy=summary.get("privacy"),
         progress=progress,
         force=force,
+        target=target,
     )
