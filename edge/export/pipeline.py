@@ -12,7 +12,7 @@ failures; it carries the report so callers can still show the table.
 import logging
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedge.edge.export import bundle_writer, validate
+from fedge.edge.export import bundle_writer
+from fedge.edge.export import validate as validate_mod
 from fedge.edge.export.bundle_writer import BuiltArtifact
 from fedge.edge.export.calibration import (
     DEFAULT_CALIBRATION_EXAMPLES,
@@ -38,7 +39,7 @@ from fedge.edge.export.model_card import (
     source_card,
 )
 from fedge.edge.export.onnx_export import set_metadata
-from fedge.shared import signing
+from fedge.shared import bundle, signing
 from fedge.shared.bundle import ARTIFACT_FORMATS
 from fedge.shared.errors import ConfigError, ExportError
 from fedge.shared.tasks import TaskSpec
@@ -71,10 +72,12 @@ class ExportReport:
     version: str = ""
     bundle_id: str | None = None
     validation_path: Path | None = None
+    validated: bool = True
 
     def table(self) -> Any:
         """The validation table as a rich ``Table``."""
-        return validate.render_table(self.rows, title=f"Validation of {self.version}")
+        title = "Validation" if self.validated else "Exported (not validated)"
+        return validate_mod.render_table(self.rows, title=f"{title} of {self.version}")
 
 
 class ArtifactsFailed(ExportError):
@@ -186,12 +189,118 @@ def _builders(
     }
 
 
+@dataclass
+class Exported:
+    """What ``export`` wrote: the (unvalidated) bundle and the artifacts it could not build."""
+
+    bundle_dir: Path
+    bundle_id: str
+    order: list[str]  # every bundled artifact planned, built or not, in plan order
+    sizes: dict[str, int]  # built artifacts' sizes by name
+    skipped: dict[str, str]
+
+
+def _no_step(description: str) -> Any:
+    return nullcontext()
+
+
+def export(
+    model: nn.Module,
+    task: TaskSpec,
+    out_dir: Path,
+    *,
+    private_key: signing.Ed25519PrivateKey,
+    version: str,
+    sample: torch.Tensor | None = None,
+    calibration: PreparedData | None = None,
+    formats: Sequence[str] = ARTIFACT_FORMATS,
+    quantize: Sequence[str] = QUANTIZATIONS,
+    model_card: Mapping[str, Any] | None = None,
+    privacy: Mapping[str, Any] | None = None,
+    force: bool = False,
+    step: Callable[[str], Any] = _no_step,
+) -> Exported:
+    """Build every requested artifact and write them into a signed, unvalidated bundle.
+
+    An artifact that fails to build is skipped with its reason; the others go
+    on. Nothing is run or compared here: ``fedge.edge.export.validate.validate``
+    does that, and ``bundle_writer.record_validation`` records it. Until then
+    every artifact's ``validation`` is null, so no device runs it.
+
+    Parameters
+    ----------
+    model, task
+        The PyTorch classifier and its task.
+    out_dir
+        The bundle directory to create.
+    private_key, version
+        The signing key and the bundle version.
+    sample
+        One preprocessed input to trace with (default: zeros of the task's input shape).
+    calibration
+        Inputs for static int8 calibration (needed when ``static`` is asked for).
+    formats, quantize
+        What to build (see ``export_bundle``).
+    model_card, privacy
+        The card's facts about the model (``source_card`` + export settings) and
+        the run's privacy record.
+    force
+        Replace an existing ``out_dir``.
+    step
+        ``step(description)`` returns a context manager around each step (progress).
+
+    Raises
+    ------
+    ExportError
+        No artifact could be built, or ``out_dir`` exists (without ``force``).
+    ConfigError
+        Bad options, or static quantization without calibration data.
+    """
+    check_choices(formats, quantize)
+    out_dir = Path(out_dir)
+    bundle_writer.check_destination(out_dir, force)
+    plans, skipped = plan_artifacts(formats, quantize)
+    if any(p.quantization == "static" for p in plans) and calibration is None:
+        raise ConfigError("static quantization needs calibration data (--calibration)")
+    model = model.eval().cpu()
+    if sample is None:
+        sample = torch.zeros(1, *task.input_shape)
+    fingerprint = signing.public_key_fingerprint(private_key)
+    stamp = bundle_writer.onnx_metadata(version, task, fingerprint, privacy)
+    with tempfile.TemporaryDirectory(prefix="fedge-export-") as tmp:
+        work = Path(tmp)
+        reader = None if calibration is None else CalibrationReader(calibration.x)
+        built = _build_all(plans, _builders(model, sample[:1], work, reader), work, skipped, step)
+        if not built:
+            why = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
+            raise ExportError(f"no artifact could be exported ({why})")
+        for artifact in built.values():
+            if artifact.format == "onnx":
+                # Stamped before validation and hashing: the bundle holds the validated bytes.
+                set_metadata(artifact.path, stamp)
+        card = complete_card(
+            model_card, version=version, task=task, skipped=skipped, privacy=privacy
+        )
+        with step("sign bundle"):
+            manifest = bundle_writer.write_bundle(
+                out_dir, task=task, artifacts=list(built.values()), model_card=card,
+                privacy=privacy, version=version, private_key=private_key, force=force,
+            )  # fmt: skip
+    return Exported(
+        out_dir,
+        manifest.bundle_id,
+        [p.name for p in plans if p.bundled],
+        {Path(a.file).name: a.size for a in manifest.artifacts},
+        skipped,
+    )
+
+
 def export_model(
     model: nn.Module,
     task: TaskSpec,
     out_dir: Path,
     *,
-    eval_set: PreparedData,
+    eval_set: PreparedData | None,
     calibration: PreparedData | None,
     private_key: signing.Ed25519PrivateKey,
     version: str,
@@ -202,12 +311,15 @@ def export_model(
     privacy: Mapping[str, Any] | None = None,
     progress: bool = True,
     force: bool = False,
+    validate: bool = True,
+    eval_spec: str | None = None,
 ) -> ExportReport:
-    """Export an in-memory model to a signed bundle (``export_bundle`` without the checkpoint).
+    """``export``, then (unless ``validate`` is false) validate and record, then move into place.
 
     Parameters are those of ``export_bundle``, with the data already prepared,
     the key loaded, and ``model_card`` holding the facts about the model's origin
-    (see ``fedge.edge.export.model_card.source_card``).
+    (see ``fedge.edge.export.model_card.source_card``). ``eval_set`` may be
+    ``None`` only when ``validate`` is false.
 
     Raises
     ------
@@ -217,77 +329,55 @@ def export_model(
     ExportError, ConfigError
         The destination exists (without ``force``), or bad options.
     """
+    from fedge.edge.export.validate_bundle import validate_and_record
+
     check_choices(formats, quantize)
     out_dir = Path(out_dir)
     bundle_writer.check_destination(out_dir, force)
-    plans, skipped = plan_artifacts(formats, quantize)
-    if any(p.quantization == "static" for p in plans) and calibration is None:
-        raise ConfigError("static quantization needs calibration data (--calibration)")
-    model = model.eval().cpu()
-    fingerprint = signing.public_key_fingerprint(private_key)
-    stamp = bundle_writer.onnx_metadata(version, task, fingerprint, privacy)
-    total = len(plans) + sum(p.bundled for p in plans) + 2
-    with tempfile.TemporaryDirectory(prefix="fedge-export-") as tmp, _progress(
-        progress, total
-    ) as step:
-        work = Path(tmp)
-        reader = None if calibration is None else CalibrationReader(calibration.x)
-        builders = _builders(model, torch.from_numpy(eval_set.x[:1]), work, reader)
-        built = _build_all(plans, builders, work, skipped, step)
-        for artifact in built.values():
-            if artifact.format == "onnx":
-                # Stamped before validation and hashing: the bundle holds the validated bytes.
-                set_metadata(artifact.path, stamp)
-        with step("PyTorch reference"):
-            reference = validate.reference_logits(model, eval_set.x)
-        results: dict[str, validate.ValidationResult] = {}
-        for plan in (p for p in plans if p.bundled):
-            with step(f"validate {plan.name}"):
-                if plan.name in built:
-                    art = built[plan.name]
-                    results[plan.name] = validate.validate_file(
-                        art.path, art.name, art.format, art.precision, art.quantization,
-                        eval_set.x, eval_set.y, reference, max_accuracy_drop=max_accuracy_drop,
-                    )  # fmt: skip
-        rows = validate.table_rows([p.name for p in plans if p.bundled], results, skipped)
-        failed = [name for name, r in results.items() if not r.passed]
-        passing = [(built[n], r) for n, r in results.items() if r.passed]
-        report = ExportReport(None, rows, skipped, failed, version)
-        report.validation_path = validate.write_validation_file(out_dir, rows)
-        with step("sign bundle"):
-            if not passing:
-                raise ArtifactsFailed(_nothing_message(results, skipped), report)
-            index = bundle_writer.choose_self_test(reference)
-            probe = eval_set.x[index]
-            # Run as one batch, as a device's self-test will: dynamic quantization's
-            # activation scales depend on the batch they see.
-            expected = {
-                a.name: validate.predictor_for(a.path, a.format)(probe) for a, _ in passing
-            }
-            card = complete_card(
-                model_card, version=version, task=task, rows=rows, skipped=skipped,
-                failed=failed, privacy=privacy,
+    if validate and eval_set is None:
+        raise ConfigError("validation needs evaluation data (--eval-data), or pass --no-validate")
+    plans, _ = plan_artifacts(formats, quantize)
+    total = len(plans) + 1 + (2 if validate else 0)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.export-", dir=out_dir.parent) as tmp:
+        staged = Path(tmp) / out_dir.name
+        with _progress(progress, total) as step:
+            exported = export(
+                model, task, staged, private_key=private_key, version=version,
+                sample=None if eval_set is None else torch.from_numpy(eval_set.x[:1]),
+                calibration=calibration, formats=formats, quantize=quantize,
+                model_card=model_card, privacy=privacy, step=step,
             )  # fmt: skip
-            manifest = bundle_writer.write_bundle(
-                out_dir,
-                task=task,
-                artifacts=passing,
-                self_test_inputs=probe,
-                self_test_expected=expected,
-                self_test_labels=[int(v) for v in reference[index].argmax(1)],
-                model_card=card,
-                privacy=privacy,
-                version=version,
-                private_key=private_key,
-                force=force,
-            )
+            report = ExportReport(None, [], exported.skipped, [], version, validated=validate)
+            if not validate:
+                report.rows = validate_mod.table_rows(exported.order, {}, exported.skipped,
+                                                      exported.sizes)  # fmt: skip
+                _remove_stale_validation_file(out_dir)
+            else:
+                assert eval_set is not None
+                with step("PyTorch reference"):
+                    reference = validate_mod.reference_logits(model.eval().cpu(), eval_set.x)
+                with step("validate with the device runtime"):
+                    outcome = validate_and_record(
+                        staged, private_key, eval_set, reference, order=exported.order,
+                        skipped=exported.skipped, max_accuracy_drop=max_accuracy_drop,
+                        eval_spec=eval_spec, out_dir=out_dir,
+                    )  # fmt: skip
+                report.rows, report.failed = outcome.rows, outcome.failed
+                report.validation_path = outcome.validation_path
+                if outcome.manifest is None:
+                    raise ArtifactsFailed(outcome.message, report)
+        bundle_writer.replace_dir(staged, out_dir)
+    manifest = bundle.read_manifest(out_dir)
     report.bundle_dir, report.bundle_id = out_dir, manifest.bundle_id
-    if failed:
-        detail = ", ".join(f"{n} ({results[n].reason})" for n in failed)
-        raise ArtifactsFailed(
-            f"left out of bundle {out_dir} because they failed validation: {detail}", report
-        )
+    if report.failed:
+        raise ArtifactsFailed(outcome.message, report)
     return report
+
+
+def _remove_stale_validation_file(out_dir: Path) -> None:
+    """An unvalidated bundle must not sit beside the validation table of an older one."""
+    validate_mod.validation_file_path(out_dir).unlink(missing_ok=True)
 
 
 def _build_all(
@@ -325,14 +415,6 @@ def _build_all(
     return built
 
 
-def _nothing_message(
-    results: Mapping[str, validate.ValidationResult], skipped: Mapping[str, str]
-) -> str:
-    parts = [f"{n} failed ({r.reason})" for n, r in results.items()]
-    parts += [f"{n} skipped ({why})" for n, why in skipped.items()]
-    return "no artifact passed validation, so no bundle was written: " + "; ".join(parts)
-
-
 def export_bundle(
     source: Path,
     out_dir: Path,
@@ -346,6 +428,7 @@ def export_bundle(
     progress: bool = True,
     force: bool = False,
     version: str | None = None,
+    validate: bool = True,
 ) -> ExportReport:
     """Export a run's global model (or a checkpoint) to a validated, signed edge bundle.
 
@@ -375,6 +458,10 @@ def export_bundle(
         Replace an existing ``out_dir``.
     version
         The bundle version (default ``<run>-r<round>-<UTC time>``).
+    validate
+        Validate the artifacts and record the results (default). ``False``
+        (``--no-validate``) writes a bundle whose artifacts carry no validation
+        result: no device runs them until ``fedge validate`` records one.
 
     Returns
     -------
@@ -408,9 +495,11 @@ def export_bundle(
     plans, _ = plan_artifacts(formats, quantize)
     needs_calibration = any(p.quantization == "static" for p in plans)
     eval_spec, calibration_spec = resolve_data_specs(
-        ckpt.task, eval_data, calibration, needs_calibration
+        ckpt.task, eval_data, calibration, needs_calibration, needs_eval=validate
     )
-    eval_set = load_prepared(eval_spec, ckpt.task, label_column=cfg.label_column)
+    eval_set = (
+        load_prepared(eval_spec, ckpt.task, label_column=cfg.label_column) if eval_spec else None
+    )
     calibration_set = (
         load_prepared(
             calibration_spec, ckpt.task, DEFAULT_CALIBRATION_EXAMPLES, cfg.label_column
@@ -424,11 +513,8 @@ def export_bundle(
     card["export"] = {
         "formats": list(formats),
         "quantize": list(quantize),
-        "eval_data": describe_spec(eval_spec),
-        "eval_examples": len(eval_set),
         "calibration": describe_spec(calibration_spec),
         "calibration_examples": 0 if calibration_set is None else len(calibration_set),
-        "max_accuracy_drop": max_accuracy_drop,
     }
     return export_model(
         model,
@@ -445,4 +531,6 @@ def export_bundle(
         privacy=summary.get("privacy"),
         progress=progress,
         force=force,
+        validate=validate,
+        eval_spec=eval_spec,
     )
