@@ -136,7 +136,7 @@ def check_choices(formats: Sequence[str], quantize: Sequence[str]) -> None:
 
 
 @contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], Any]]:
+def _progress(enabled: bool, total: int, console: Any = None) -> Iterator[Callable[[str], Any]]:
     """Yield ``step(description)``, a context manager that advances one bar across steps."""
     from rich.progress import (
         BarColumn,
@@ -149,7 +149,7 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], Any]]:
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn())  # fmt: skip
-    with Progress(*columns, disable=not enabled) as bar:
+    with Progress(*columns, disable=not enabled, console=console) as bar:
         task = bar.add_task("export", total=total)
 
         @contextmanager
@@ -313,6 +313,7 @@ def export_model(
     force: bool = False,
     validate: bool = True,
     eval_spec: str | None = None,
+    console: Any = None,
 ) -> ExportReport:
     """``export``, then (unless ``validate`` is false) validate and record, then move into place.
 
@@ -341,7 +342,7 @@ def export_model(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.export-", dir=out_dir.parent) as tmp:
         staged = Path(tmp) / out_dir.name
-        with _progress(progress, total) as step:
+        with _progress(progress, total, console) as step:
             exported = export(
                 model, task, staged, private_key=private_key, version=version,
                 sample=None if eval_set is None else torch.from_numpy(eval_set.x[:1]),
@@ -429,6 +430,7 @@ def export_bundle(
     force: bool = False,
     version: str | None = None,
     validate: bool = True,
+    console: Any = None,
 ) -> ExportReport:
     """Export a run's global model (or a checkpoint) to a validated, signed edge bundle.
 
@@ -453,7 +455,7 @@ def export_bundle(
     max_accuracy_drop
         Accuracy points an artifact may lose against PyTorch and still be bundled.
     progress
-        Show a progress bar.
+        Show a progress bar (on ``console``, a ``rich`` Console; default: rich's own).
     force
         Replace an existing ``out_dir``.
     version
@@ -533,4 +535,5 @@ def export_bundle(
         force=force,
         validate=validate,
         eval_spec=eval_spec,
+        console=console,
     )
