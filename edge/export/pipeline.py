@@ -1,12 +1,15 @@
-"""From a global model to a signed edge bundle: export, quantize, validate, bundle.
+"""From a global model to a signed edge bundle: export, then validate, as two steps.
 
-``export_bundle`` is what ``fedge export`` and the demo call. It loads a run's
-checkpoint and its evaluation/calibration data, then ``export_model`` builds
-every requested artifact (a conversion error skips that artifact with its
-reason; the others go on), validates each against PyTorch, and bundles the ones
-that pass. If some fail validation the bundle is still written with the passing
-ones, and ``ArtifactsFailed`` (an ``ExportError``, non-zero exit) names the
-failures; it carries the report so callers can still show the table.
+``export`` builds every requested artifact (a conversion error skips that
+artifact with its reason; the others go on) and writes a signed bundle whose
+artifacts carry no validation result. ``export_model`` runs it into a staging
+directory, then (unless told not to) validates the bundle with the device
+runtime and records the outcome (``validate_bundle.validate_and_record``), and
+only then renames it into place. ``export_bundle`` is what ``fedge export`` and
+the demo call: it loads a run's checkpoint and its evaluation/calibration data
+first. If some artifacts fail validation the bundle is still written with the
+passing ones, and ``ArtifactsFailed`` (an ``ExportError``, non-zero exit) names
+the failures; it carries the report so callers can still show the table.
 """
 
 import logging
@@ -340,6 +343,7 @@ def export_model(
     plans, _ = plan_artifacts(formats, quantize)
     total = len(plans) + 1 + (2 if validate else 0)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    message = ""  # why artifacts were left out, when some were
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.export-", dir=out_dir.parent) as tmp:
         staged = Path(tmp) / out_dir.name
         with _progress(progress, total, console) as step:
@@ -365,14 +369,14 @@ def export_model(
                         eval_spec=eval_spec, out_dir=out_dir,
                     )  # fmt: skip
                 report.rows, report.failed = outcome.rows, outcome.failed
-                report.validation_path = outcome.validation_path
+                report.validation_path, message = outcome.validation_path, outcome.message
                 if outcome.manifest is None:
-                    raise ArtifactsFailed(outcome.message, report)
+                    raise ArtifactsFailed(message, report)
         bundle_writer.replace_dir(staged, out_dir)
     manifest = bundle.read_manifest(out_dir)
     report.bundle_dir, report.bundle_id = out_dir, manifest.bundle_id
     if report.failed:
-        raise ArtifactsFailed(outcome.message, report)
+        raise ArtifactsFailed(message, report)
     return report
 
 
