@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edge_device_support import ArtifactPlan, Linear, make_bundle, rgb_task
 from export_support import eval_inputs, make_key, make_run
 
 from fedge.edge.device.runtime import EdgeModel, load_artifact
@@ -114,6 +115,38 @@ def test_revalidation_refuses_another_model(
     with pytest.raises(ConfigError, match="not the one the bundle was exported from"):
         revalidate_bundle(out, source=other, signing_key=keys[0])
     assert not bundle.verify_bundle(out, keys[1]).artifacts[0].passed
+
+
+def test_validation_runs_nhwc_and_fixed_batch_artifacts_as_a_device_does(
+    keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """NCHW evaluation inputs through NHWC TFLite artifacts, batch 1 and dynamic, and ONNX."""
+    from fedge.edge.export.bundle_writer import record_validation
+    from fedge.shared.signing import load_private_key
+
+    task = rgb_task()
+    plans = (
+        ArtifactPlan("model-fp32.onnx"),
+        ArtifactPlan("model-nhwc-b1.tflite", "tflite", layout="NHWC", batch=1),
+        ArtifactPlan("model-nhwc.tflite", "tflite", layout="NHWC"),
+    )
+    out = make_bundle(tmp_path / "bundle", keys[0], task=task, plans=plans)
+    x = np.random.default_rng(5).standard_normal((37, *task.input_shape)).astype(np.float32)
+    reference = Linear.for_task(task)(x)
+    labels = reference.argmax(1)
+    results = validate(out, keys[1], x, labels, reference, max_accuracy_drop=0.0)
+    assert [r.artifact for r in results] == [p.name for p in plans]
+    for result in results:
+        assert result.passed and result.top1_agreement == 1.0, result
+        assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+    manifest = record_validation(
+        out, results, self_test_inputs=x[:3], self_test_labels=[int(v) for v in labels[:3]],
+        card_updates={"validated": True}, private_key=load_private_key(keys[0]),
+    )  # fmt: skip
+    for entry in manifest.artifacts:
+        with EdgeModel.open(out, keys[1], artifact=entry.file) as model:
+            result = model.self_test()
+            assert result.passed and result.max_abs_diff == 0.0 and result.examples == 3
 
 
 def test_default_source_is_where_export_puts_bundles(tmp_path: Path) -> None:
