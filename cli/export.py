@@ -92,8 +92,8 @@ def export(
         console.print(f"bundle {report.bundle_id} written to [bold]{report.bundle_dir}[/]")
         if not report.validated:
             console.print(
-                "[yellow]not validated[/]: no device runs it, and the registry refuses it, "
-                f"until `fedge validate {report.bundle_dir}` records a validation"
+                "[yellow]not validated[/]: no device runs its artifacts until "
+                f"`fedge validate {report.bundle_dir}` records a validation"
             )
         console.print(f"log of the converters: {log_path}")
 
