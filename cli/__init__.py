@@ -30,7 +30,7 @@ def _register() -> None:
     from fedge.cli.demo import demo
     from fedge.cli.deploy import register as register_deploy_commands
     from fedge.cli.edge import app as edge_app
-    from fedge.cli.export import export, keys_app
+    from fedge.cli.export import export, keys_app, validate
     from fedge.cli.registry import fleet_app, registry_app
     from fedge.cli.report import report
     from fedge.cli.run import run
@@ -42,6 +42,7 @@ def _register() -> None:
     app.command()(demo)
     app.command()(report)
     app.command()(export)
+    app.command()(validate)
     app.add_typer(keys_app, name="keys")
     register_deploy_commands(edge_app)
     app.add_typer(edge_app, name="edge")

@@ -1,13 +1,17 @@
-"""``fedge export`` and ``fedge keys``: parse options, call the export library, render results.
+"""``fedge export``, ``fedge validate`` and ``fedge keys``: parse options, call the library, render.
 
 Heavy imports (torch, onnx, litert-torch) happen inside the commands, so that
-``fedge --help`` stays fast. The root app (``fedge.cli``) registers ``export``
-as a command and ``keys_app`` as the ``keys`` group, and turns a ``FedgeError``
-into a message and an exit code.
+``fedge --help`` stays fast, and inside ``quiet_output``, so that what the
+converters print goes to ``export.log`` beside the bundle, not to the terminal.
+The root app (``fedge.cli``) registers ``export`` and ``validate`` as commands
+and ``keys_app`` as the ``keys`` group, and turns a ``FedgeError`` into a
+message and an exit code.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -49,32 +53,101 @@ def export(
     ] = 1.0,
     key: KeyOption = None,
     force: Annotated[bool, typer.Option(help="Replace an existing bundle directory.")] = False,
+    validate: Annotated[
+        bool,
+        typer.Option(
+            "--validate/--no-validate",
+            help="Validate with the device runtime (--no-validate: the bundle says it is not "
+            "validated; no device runs it until `fedge validate`).",
+        ),
+    ] = True,
 ) -> None:
     """Export a run's model to ONNX/TFLite, quantize, validate and sign a bundle."""
-    from rich.console import Console
+    from fedge.edge.export.quiet import log_path_for, quiet_output
 
-    from fedge.edge.export.pipeline import ArtifactsFailed, export_bundle
-
-    console = Console()
     default = source / "bundle" if source.is_dir() else source.with_name(f"{source.stem}-bundle")
     out_dir = out if out is not None else default
+    log_path = log_path_for(out_dir)
+    with quiet_output(log_path, f"fedge export {source}") as terminal:
+        from rich.console import Console
+
+        from fedge.edge.export.pipeline import export_bundle
+
+        console = Console(file=terminal)
+        with _render_failure(console, log_path):
+            report = export_bundle(
+                source,
+                out_dir,
+                formats=_split(formats),
+                quantize=_split(quantize),
+                calibration=calibration,
+                eval_data=eval_data,
+                signing_key=key,
+                max_accuracy_drop=max_accuracy_drop,
+                force=force,
+                validate=validate,
+                console=console,
+            )
+        console.print(report.table())
+        console.print(f"bundle {report.bundle_id} written to [bold]{report.bundle_dir}[/]")
+        if not report.validated:
+            console.print(
+                "[yellow]not validated[/]: no device runs its artifacts until "
+                f"`fedge validate {report.bundle_dir}` records a validation"
+            )
+        console.print(f"log of the converters: {log_path}")
+
+
+def validate(
+    bundle_dir: Annotated[Path, typer.Argument(help="The bundle directory to validate.")],
+    eval_data: Annotated[
+        str | None,
+        typer.Option("--eval-data", help="Data spec to validate on (default: TASK:test)."),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            help="Run directory or checkpoint the bundle came from (default: the bundle's "
+            "parent, where `fedge export` puts it).",
+        ),
+    ] = None,
+    max_accuracy_drop: Annotated[
+        float, typer.Option(help="Accuracy points an artifact may lose vs PyTorch.")
+    ] = 1.0,
+    key: KeyOption = None,
+) -> None:
+    """Validate an exported bundle (again) with the device runtime, and re-sign its results."""
+    from fedge.edge.export.quiet import log_path_for, quiet_output
+
+    log_path = log_path_for(bundle_dir)
+    with quiet_output(log_path, f"fedge validate {bundle_dir}") as terminal:
+        from rich.console import Console
+
+        from fedge.edge.export.validate_bundle import revalidate_bundle
+
+        console = Console(file=terminal)
+        with _render_failure(console, log_path):
+            report = revalidate_bundle(
+                bundle_dir, source=model, eval_data=eval_data, signing_key=key,
+                max_accuracy_drop=max_accuracy_drop,
+            )  # fmt: skip
+        console.print(report.table())
+        console.print(f"bundle {report.bundle_id} validated and signed again: {report.bundle_dir}")
+        console.print(f"log of the runtimes: {log_path}")
+
+
+@contextmanager
+def _render_failure(console: Any, log_path: Path) -> Iterator[None]:
+    """Show the validation table of a failed export before the error propagates."""
+    from fedge.edge.export.pipeline import ArtifactsFailed
+
     try:
-        report = export_bundle(
-            source,
-            out_dir,
-            formats=_split(formats),
-            quantize=_split(quantize),
-            calibration=calibration,
-            eval_data=eval_data,
-            signing_key=key,
-            max_accuracy_drop=max_accuracy_drop,
-            force=force,
-        )
+        yield
     except ArtifactsFailed as e:
         console.print(e.report.table())
+        console.print(f"log of the converters: {log_path}")
         raise
-    console.print(report.table())
-    console.print(f"bundle {report.bundle_id} written to [bold]{report.bundle_dir}[/]")
 
 
 @keys_app.command("create")

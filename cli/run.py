@@ -81,9 +81,9 @@ def run(
     with RunProgress(console, cfg.num_rounds, show_eps) as progress:
         summary = submit_run(cfg, server, certificates, on_event=progress.on_event)
     console.print(rounds_table(progress.rows, show_eps))
-    console.print(
-        f"final accuracy {summary.get('final_accuracy')}, model {summary.get('model_path')}"
-    )
+    final = summary.get("final_accuracy")
+    accuracy = "-" if final is None else f"{100 * float(final):.1f}%"
+    console.print(f"final accuracy {accuracy}, model {summary.get('model_path')}")
     _print_report(console, Path(cfg.run_dir))
 
 

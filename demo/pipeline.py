@@ -182,18 +182,26 @@ def _edge(out: Path, run_dir: Path, tls: Any, console: Console) -> dict[str, Any
     from fedge.demo.deployment import deploy_demo
     from fedge.edge.device.bench import bench_bundle, render_bench_table
     from fedge.edge.export.pipeline import ArtifactsFailed, export_bundle
+    from fedge.edge.export.quiet import log_path_for, quiet_output
     from fedge.shared.signing import generate_signing_key
 
     console.rule("[bold]4. export, quantize, validate and sign the global model")
     key = out / "keys" / "signing.key"
     public_key = generate_signing_key(key)
-    try:
-        report = export_bundle(run_dir, out / "bundle", signing_key=key)
-    except ArtifactsFailed as e:
-        # The bundle holds the artifacts that passed; show which fell short and go on.
-        console.print(f"[yellow]{e}")
-        report = e.report
+    log_path = log_path_for(out / "bundle")
+    failure = None
+    # The converters' own chatter goes to the log; the progress bar to the terminal.
+    with quiet_output(log_path, "fedge demo: export") as terminal:
+        bar = Console(file=terminal, width=console.width)
+        try:
+            report = export_bundle(run_dir, out / "bundle", signing_key=key, console=bar)
+        except ArtifactsFailed as e:
+            # The bundle holds the artifacts that passed; show which fell short and go on.
+            failure, report = e, e.report
+    if failure is not None:
+        console.print(f"[yellow]{failure}")
     console.print(report.table())
+    console.print(f"log of the converters: {log_path}")
     if report.bundle_dir is None:
         raise ExportError("no artifact passed validation: nothing to benchmark or deploy")
     console.rule("[bold]5. benchmark every artifact with the torch-free runtime")

@@ -71,3 +71,24 @@ def eval_inputs(task_name: str, task: Any) -> tuple[np.ndarray, np.ndarray, np.n
     """(raw examples, preprocessed inputs, labels) of a built-in task's test split."""
     raw = load_data(f"{task_name}:test", task)
     return raw.x, prepare(raw.x, task.preprocessing), raw.y
+
+
+def run_onnx_file(path: Path, x: np.ndarray) -> np.ndarray:
+    """Logits of a loose ONNX file (not in a bundle), straight through onnxruntime."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def bundle_logits(bundle_dir: Path, x: np.ndarray) -> dict[str, Any]:
+    """Each artifact of a bundle -> (manifest entry, logits on ``x`` by the device runtime)."""
+    from fedge.edge.device.runtime import load_artifact
+    from fedge.shared.bundle import read_manifest
+
+    manifest = read_manifest(bundle_dir)
+    out = {}
+    for entry in manifest.artifacts:
+        with load_artifact(bundle_dir, manifest, entry) as model:
+            out[entry.file] = (entry, model.predict(x).logits)
+    return out

@@ -320,8 +320,10 @@ def test_bench_measures_every_artifact(tabular: Path, keys: tuple[Path, Path]) -
     assert [Path(r.file).name for r in rows] == ["model-fp32.onnx", "model-fp32.tflite"]
     for row in rows:
         assert row.error is None, row.error
-        assert 0 < row.p50_ms <= row.p99_ms and row.throughput > 0 and row.load_ms > 0
+        assert 0 < row.p50_ms <= row.p99_ms and row.batch == 8
+        assert row.throughput > 0 and row.load_ms > 0
         assert row.self_test_passed is True and row.label_agreement == 1.0
+        assert row.max_abs_diff <= 1e-5  # an fp32 artifact against its own export logits
         assert row.rss_delta_mb >= 0 and row.peak_rss_mb > row.rss_delta_mb
         assert row.size_bytes == (tabular / row.file).stat().st_size
     table = render_bench_table(rows)
@@ -330,4 +332,41 @@ def test_bench_measures_every_artifact(tabular: Path, keys: tuple[Path, Path]) -
         app, ["bench", str(tabular), "--key", str(keys[1]), "--iterations", "5", "--json"]
     )
     assert out.exit_code == 0, out.output
-    assert len(json.loads(out.stdout)) == 2
+    data = json.loads(out.stdout)
+    assert [d["file"] for d in data] == [r.file for r in rows]
+    assert all(d["p50_ms"] <= d["p99_ms"] for d in data)
+
+
+def test_bench_counts_iterations_and_a_slowed_backend_measures_slower(
+    tabular: Path, keys: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker body in-process, around a runtime that counts calls and can be slowed."""
+    import time
+
+    from fedge.edge.device import bench
+
+    calls: list[int] = []
+    delay = {"seconds": 0.0}
+    original = EdgeModel.predict_tensor
+
+    def counted(self: EdgeModel, x: np.ndarray) -> np.ndarray:
+        calls.append(x.shape[0])
+        if delay["seconds"]:
+            time.sleep(delay["seconds"])
+        return original(self, x)
+
+    monkeypatch.setattr(EdgeModel, "predict_tensor", counted)
+    file = "artifacts/model-fp32.onnx"
+    fast = bench._measure(tabular, keys[1], file, warmup=3, iterations=40, batch=8)
+    # warmup + timed batch-1 calls, one sizing call + max(3, 40 // 10) timed batch-8 calls,
+    # and the self-test's 4 inputs: nothing more, nothing less.
+    assert calls.count(1) == 3 + 40 and calls.count(8) == 1 + 4 and calls.count(4) == 1
+    assert len(calls) == 3 + 40 + 5 + 1
+    assert fast["p50_ms"] <= fast["p99_ms"] and fast["self_test_passed"] is True
+    calls.clear()
+    delay["seconds"] = 0.005
+    slow = bench._measure(tabular, keys[1], file, warmup=1, iterations=10, batch=8)
+    assert len(calls) == 1 + 10 + 1 + 3 + 1
+    assert 5.0 <= slow["p50_ms"] <= slow["p99_ms"]
+    assert slow["p50_ms"] > fast["p50_ms"] + 4.0
+    assert slow["throughput"] <= 8 / 0.005  # 8 inputs per call at >= 5 ms a call

@@ -1,4 +1,4 @@
-"""``fedge keys create|show`` and ``fedge export`` through typer's CliRunner."""
+"""``fedge keys create|show``, ``fedge export`` and ``fedge validate`` through typer's CliRunner."""
 
 import stat
 from pathlib import Path
@@ -8,7 +8,7 @@ import typer
 from export_support import make_run
 from typer.testing import CliRunner
 
-from fedge.cli.export import export, keys_app
+from fedge.cli.export import export, keys_app, validate
 from fedge.edge.export.pipeline import ArtifactsFailed
 from fedge.shared import bundle, signing
 from fedge.shared.errors import SecurityError
@@ -20,6 +20,7 @@ def make_app() -> typer.Typer:
     """The two entries as the root ``fedge`` app registers them."""
     app = typer.Typer()
     app.command()(export)
+    app.command()(validate)
     app.add_typer(keys_app, name="keys")
     return app
 
@@ -87,3 +88,25 @@ def test_export_writes_a_bundle_and_prints_the_table(home: Path, tmp_path: Path)
     assert isinstance(failed.exception, ArtifactsFailed)
     assert "model-fp32.onnx" in str(failed.exception) and "FAIL" in failed.output
     bundle.verify_bundle(run / "bundle", home / "keys" / "signing.pub")  # the old one stays
+
+
+@pytest.mark.slow
+def test_export_no_validate_then_validate(home: Path, tmp_path: Path) -> None:
+    app = make_app()
+    assert runner.invoke(app, ["keys", "create"]).exit_code == 0
+    run = make_run(tmp_path / "run", epochs=5, task="breast-cancer", model="mlp")
+    args = ["export", str(run), "--formats", "onnx", "--quantize", "none", "--no-validate"]
+    exported = runner.invoke(app, args, terminal_width=200)
+    assert exported.exit_code == 0, exported.output
+    assert "not validated" in exported.output and "pass" not in exported.output
+    assert str(run / "export.log") in exported.output and (run / "export.log").is_file()
+    public = home / "keys" / "signing.pub"
+    assert not bundle.verify_bundle(run / "bundle", public).artifacts[0].passed
+    validated = runner.invoke(app, ["validate", str(run / "bundle")], terminal_width=200)
+    assert validated.exit_code == 0, validated.output
+    assert "✓ pass" in validated.output and "%" in validated.output
+    assert bundle.verify_bundle(run / "bundle", public).artifacts[0].passed
+    strict = runner.invoke(app, ["validate", str(run / "bundle"), "--max-accuracy-drop", "-1"])
+    assert isinstance(strict.exception, ArtifactsFailed) and "✗ FAIL" in strict.output
+    assert "left as it was" in str(strict.exception)
+    assert bundle.verify_bundle(run / "bundle", public).artifacts[0].passed

@@ -5,13 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from export_support import eval_inputs, make_key, make_run
+from export_support import bundle_logits, eval_inputs, make_key, make_run, run_onnx_file
 from torch import nn
 
 from fedge.edge.export.calibration import PreparedData
 from fedge.edge.export.onnx_export import export_onnx
 from fedge.edge.export.pipeline import export_bundle, export_model
-from fedge.edge.export.validate import onnx_predictor, predictor_for, reference_logits
+from fedge.edge.export.validate import reference_logits
 from fedge.shared import bundle, signing
 from fedge.shared.ml.checkpoint import load_checkpoint, load_model_from_checkpoint
 from fedge.shared.tasks import TabularPreprocessing, TaskSpec
@@ -45,11 +45,10 @@ def check_against_torch(
     manifest = bundle.read_manifest(bundle_dir)
     probe = bundle.self_test_inputs(manifest)
     probe_reference = reference_logits(model, probe)
-    for entry in manifest.artifacts:
-        predict = predictor_for(bundle_dir / entry.file, entry.format)
-        probe_diff = float(np.max(np.abs(predict(probe) - probe_reference)))
+    on_probe = bundle_logits(bundle_dir, probe)
+    for entry, got in bundle_logits(bundle_dir, x).values():
+        probe_diff = float(np.max(np.abs(on_probe[entry.file][1] - probe_reference)))
         assert probe_diff <= entry.atol, (entry.file, probe_diff, entry.atol)
-        got = predict(x)
         assert got.shape == reference.shape
         if entry.precision == "fp32":
             assert float(np.max(np.abs(got - reference))) <= entry.atol, entry.file
@@ -160,5 +159,5 @@ def test_onnx_export_falls_back_to_the_dynamo_exporter(tmp_path: Path) -> None:
     x = torch.randn(5, 4)
     path = export_onnx(model, x[:1], tmp_path / "spectrum.onnx")
     assert not (tmp_path / "spectrum.onnx.data").exists()
-    got = onnx_predictor(path)(x.numpy())  # batch of 5 through a model traced with 1
+    got = run_onnx_file(path, x.numpy())  # batch of 5 through a model traced with 1
     assert np.allclose(got, model(x).detach().numpy(), atol=1e-5)

@@ -6,14 +6,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from export_support import PRIVACY, eval_inputs, make_key, make_run
+from export_support import PRIVACY, bundle_logits, eval_inputs, make_key, make_run, run_onnx_file
 
 from fedge.edge.export import pipeline
 from fedge.edge.export.calibration import CalibrationReader, load_prepared
 from fedge.edge.export.onnx_export import read_metadata
 from fedge.edge.export.pipeline import ArtifactsFailed, export_bundle
 from fedge.edge.export.quantize import quantize_onnx_static
-from fedge.edge.export.validate import onnx_predictor, predictor_for, reference_logits
+from fedge.edge.export.validate import reference_logits
 from fedge.shared import bundle, signing
 from fedge.shared.errors import ConfigError, ExportError, SecurityError
 from fedge.shared.ml.checkpoint import load_checkpoint, load_model_from_checkpoint
@@ -87,7 +87,7 @@ def test_model_card_metadata_and_validation_file(cnn_export: pipeline.ExportRepo
     assert card["training"]["rounds"] == 2 and card["training"]["clients"] == 2
     assert card["metrics"]["final_accuracy"] == 0.9
     assert card["privacy"]["dp"]["epsilon"] == 3.5
-    assert card["export"]["eval_data"] == "digits:test"
+    assert card["validated"] is True and card["validation_data"]["eval_data"] == "digits:test"
     assert card["export"]["calibration"] == "digits:public"
     assert {row["artifact"] for row in card["validation"]} == ALL
     saved = json.loads(cnn_export.validation_path.read_text())  # type: ignore[union-attr]
@@ -105,11 +105,9 @@ def test_every_artifact_matches_pytorch_within_its_tolerance(
 ) -> None:
     model, task = cnn_model
     assert cnn_export.bundle_dir is not None
-    manifest = bundle.read_manifest(cnn_export.bundle_dir)
     _, x, _ = eval_inputs("digits", task)
     reference = reference_logits(model, x)
-    for entry in manifest.artifacts:
-        got = predictor_for(cnn_export.bundle_dir / entry.file, entry.format)(x)
+    for entry, got in bundle_logits(cnn_export.bundle_dir, x).values():
         diff = float(np.max(np.abs(got - reference)))
         assert diff <= entry.atol, (entry.file, diff, entry.atol)
         agreement = float(np.mean(got.argmax(1) == reference.argmax(1)))
@@ -162,7 +160,7 @@ def test_static_int8_calibration_is_accurate(
     bad = tmp_path / "bad-calibration.onnx"
     quantize_onnx_static(fp32, bad, CalibrationReader(calibration * 50.0))
     _, x, y = eval_inputs("digits", task)
-    bad_accuracy = float(np.mean(onnx_predictor(bad)(x).argmax(1) == y))
+    bad_accuracy = float(np.mean(run_onnx_file(bad, x).argmax(1) == y))
     assert static["accuracy"] > bad_accuracy + 0.05
 
 

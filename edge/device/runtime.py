@@ -451,3 +451,45 @@ class EdgeModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def load_artifact(
+    bundle_dir: Path | str,
+    manifest: Manifest,
+    entry: ArtifactEntry,
+    *,
+    threads: int | None = None,
+) -> EdgeModel:
+    """Load one artifact of an already verified manifest, whether or not it passed validation.
+
+    Export's validation runs each artifact through this, so that what it
+    measures, and the self-test logits it records, are what a device computes
+    (NHWC input, fixed or dynamic batch, int8 I/O scaling). A device itself goes
+    through ``EdgeModel.open``, which runs only artifacts that passed.
+
+    Parameters
+    ----------
+    bundle_dir
+        The bundle directory ``manifest`` was verified from (``verify_bundle``).
+    manifest, entry
+        The verified manifest and the artifact in it to load.
+    threads
+        Intra-op threads for the runtime (default: the runtime's choice).
+
+    Raises
+    ------
+    ConfigError, ModelError
+        No runtime installed; the runtime cannot load the artifact.
+    """
+    path = Path(bundle_dir) / entry.file
+    try:
+        backend: _Backend = (
+            _OnnxBackend(path, None, threads)
+            if entry.format == "onnx"
+            else _TFLiteBackend(path, threads)
+        )
+    except ImportError as e:
+        raise ConfigError(f"cannot import the {entry.format} runtime: {e}", _INSTALL_HINT) from e
+    except Exception as e:  # the runtimes raise their own exception types
+        raise ModelError(f"{entry.format} runtime cannot load {entry.file}: {e}") from e
+    return EdgeModel(Path(bundle_dir), manifest, entry, backend)

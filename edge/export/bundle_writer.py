@@ -1,12 +1,15 @@
-"""Assemble validated artifacts into a signed ``fedge-bundle/1`` directory, atomically.
+"""Write exported artifacts into a signed ``fedge-bundle/1`` directory, then record validation.
 
-The bundle is built in a temporary directory beside its destination: the
-artifacts are copied in byte for byte (the files validation ran; the ONNX ones
-already carry ``onnx_metadata`` in ``metadata_props``, stamped by the pipeline
-before validation and hashing), ``model_card.json`` is written, and the manifest
-is signed with ``fedge.shared.bundle.write_signed_manifest``. Only then is the directory
-renamed into place, so a reader sees either no bundle or a complete, signed one.
-Format details: ``fedge.shared.bundle`` and the bundle spec in the README.
+Two steps, as export and validation are two steps. ``write_bundle`` copies the
+artifacts in byte for byte (the ONNX ones already carry ``onnx_metadata`` in
+``metadata_props``), writes ``model_card.json`` and signs a manifest whose
+artifacts have no validation result (``"validation": null``): a device runs none
+of them, and the registry can refuse the bundle. ``record_validation`` then
+writes what validation measured into the manifest and the card, the self-test
+logits the device runtime computed, leaves out the artifacts that failed, and
+signs again. Each step builds in a temporary directory beside its destination
+and renames it into place, so a reader sees either the old bundle or a complete,
+signed new one. Format details: ``fedge.shared.bundle`` and docs/export.md.
 """
 
 import json
@@ -112,9 +115,8 @@ def choose_self_test(reference_logits: np.ndarray, n: int = SELF_TEST_EXAMPLES) 
     return np.asarray(sorted(chosen + rest[: n - len(chosen)]), dtype=np.int64)
 
 
-def _artifact_entry(
-    artifact: BuiltArtifact, result: ValidationResult, task: TaskSpec
-) -> dict[str, Any]:
+def _artifact_entry(artifact: BuiltArtifact, task: TaskSpec) -> dict[str, Any]:
+    """A manifest entry without a validation result (``record_validation`` adds it)."""
     inp, out = artifact_io(artifact, task)
     return {
         "file": artifact.file,
@@ -123,12 +125,11 @@ def _artifact_entry(
         "quantization": artifact.quantization,
         "inputs": [inp.to_dict()],
         "outputs": [out.to_dict()],
-        "validation": result.manifest_record(),
-        "tolerance": {"atol": result.atol},
+        "validation": None,
     }
 
 
-def _replace_dir(staged: Path, target: Path) -> None:
+def replace_dir(staged: Path, target: Path) -> None:
     """Rename ``staged`` to ``target``; an old ``target`` is moved aside first, then removed."""
     old: Path | None = None
     if target.exists():
@@ -185,17 +186,14 @@ def write_bundle(
     out_dir: Path,
     *,
     task: TaskSpec,
-    artifacts: Sequence[tuple[BuiltArtifact, ValidationResult]],
-    self_test_inputs: np.ndarray,
-    self_test_expected: Mapping[str, np.ndarray],
-    self_test_labels: Sequence[int],
+    artifacts: Sequence[BuiltArtifact],
     model_card: Mapping[str, Any],
     privacy: Mapping[str, Any] | None,
     version: str,
     private_key: signing.Ed25519PrivateKey,
     force: bool = False,
 ) -> bundle.Manifest:
-    """Write a signed bundle of ``artifacts`` to ``out_dir`` (atomically).
+    """Write a signed, not yet validated bundle of ``artifacts`` to ``out_dir`` (atomically).
 
     Parameters
     ----------
@@ -204,14 +202,7 @@ def write_bundle(
     task
         The model's task (classes and preprocessing) for the manifest.
     artifacts
-        The artifacts to include, final (ONNX metadata stamped), with their validation
-        results (all should have passed).
-    self_test_inputs
-        A few preprocessed inputs, (n, ...) float32.
-    self_test_expected
-        Each artifact's logits on ``self_test_inputs``, keyed by ``BuiltArtifact.name``.
-    self_test_labels
-        PyTorch's top-1 class for each self-test input.
+        The exported artifacts, final (ONNX metadata stamped).
     model_card
         Facts for ``model_card.json`` (covered by the signature through its hash).
     privacy
@@ -226,7 +217,7 @@ def write_bundle(
     Returns
     -------
     Manifest
-        The signed manifest.
+        The signed manifest; every artifact has ``"validation": null``.
 
     Raises
     ------
@@ -237,40 +228,121 @@ def write_bundle(
     """
     check_destination(out_dir, force)
     if not artifacts:
-        raise ExportError("no artifact passed validation; nothing to bundle")
+        raise ExportError("no artifact was exported; nothing to bundle")
     inp, out = canonical_io(task)
+    manifest = {
+        "format": bundle.FORMAT,
+        "version": version,
+        "task": task.to_dict(),
+        "labels": list(task.classes),
+        "inputs": [inp.to_dict()],
+        "outputs": [out.to_dict()],
+        "artifacts": [_artifact_entry(a, task) for a in artifacts],
+        "self_test": None,
+        "privacy": None if privacy is None else dict(privacy),
+    }
+    files = {a.file: a.path for a in artifacts}
+    return _write(out_dir, files, model_card, manifest, private_key)
+
+
+def _write(
+    out_dir: Path,
+    files: Mapping[str, Path],
+    model_card: Mapping[str, Any],
+    manifest: Mapping[str, Any],
+    private_key: signing.Ed25519PrivateKey,
+) -> bundle.Manifest:
+    """Stage ``files`` (bundle path -> source), the card and the signed manifest; rename."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         (staged / bundle.ARTIFACTS_DIR).mkdir()
-        entries = []
-        for artifact, result in artifacts:
-            target = staged / artifact.file
-            shutil.copyfile(artifact.path, target)
-            entries.append(_artifact_entry(artifact, result, task))
+        for name, source in files.items():
+            shutil.copyfile(source, staged / name)
         atomic_write_json(staged / bundle.MODEL_CARD, dict(model_card))
-        self_test = bundle.make_self_test(
-            self_test_inputs,
-            {a.file: self_test_expected[a.name] for a, _ in artifacts},
-            self_test_labels,
-        )
-        manifest = {
-            "format": bundle.FORMAT,
-            "version": version,
-            "task": task.to_dict(),
-            "labels": list(task.classes),
-            "inputs": [inp.to_dict()],
-            "outputs": [out.to_dict()],
-            "artifacts": entries,
-            "self_test": self_test,
-            "privacy": None if privacy is None else dict(privacy),
-        }
         signed = bundle.write_signed_manifest(staged, manifest, private_key)
         # Belt and braces: the bundle must verify exactly as a device will check it.
         bundle.verify_bundle(staged, private_key.public_key())
         staged.chmod(0o755)
-        _replace_dir(staged, out_dir)
+        replace_dir(staged, out_dir)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
     return signed
+
+
+def record_validation(
+    bundle_dir: Path,
+    results: Sequence[ValidationResult],
+    *,
+    self_test_inputs: np.ndarray,
+    self_test_labels: Sequence[int],
+    card_updates: Mapping[str, Any],
+    private_key: signing.Ed25519PrivateKey,
+) -> bundle.Manifest:
+    """Write validation results into a bundle, leave out failed artifacts, and sign it again.
+
+    The self-test expectations are each passing artifact's logits on
+    ``self_test_inputs`` computed by the device runtime
+    (``fedge.edge.device.runtime.load_artifact``, one batch, as a device's
+    self-test runs), so a device compares against what a device computes.
+
+    Parameters
+    ----------
+    bundle_dir
+        A bundle signed by ``private_key`` (``write_bundle``, or one validated before).
+    results
+        ``validate``'s result for every artifact, keyed by the artifact's base name.
+    self_test_inputs
+        A few preprocessed inputs, (n, ...) float32 (``choose_self_test``).
+    self_test_labels
+        PyTorch's top-1 class for each self-test input.
+    card_updates
+        Keys to set in ``model_card.json`` (the validation table, data, time).
+    private_key
+        The Ed25519 key that signs the manifest.
+
+    Returns
+    -------
+    Manifest
+        The new signed manifest (its ``bundle_id`` changes when artifacts are left out).
+
+    Raises
+    ------
+    ExportError
+        No artifact passed (the bundle is left as it was).
+    BundleError
+        The bundle does not verify under ``private_key``'s public half.
+    """
+    from fedge.edge.device.runtime import load_artifact
+
+    manifest = bundle.verify_bundle(bundle_dir, private_key.public_key())
+    by_name = {r.artifact: r for r in results}
+    kept = [
+        a for a in manifest.artifacts
+        if Path(a.file).name in by_name and by_name[Path(a.file).name].passed
+    ]  # fmt: skip
+    if not kept:
+        raise ExportError(f"no artifact of {bundle_dir} passed validation; bundle left as it was")
+    probe = np.ascontiguousarray(self_test_inputs, dtype=np.float32)
+    expected = {}
+    for entry in kept:
+        with load_artifact(bundle_dir, manifest, entry) as model:
+            expected[entry.file] = model.predict_tensor(probe)
+    raw = manifest.to_dict()
+    entries = []
+    for entry in raw["artifacts"]:
+        if entry["file"] in expected:
+            result = by_name[Path(entry["file"]).name]
+            entry["validation"] = result.manifest_record()
+            entry["tolerance"] = {"atol": result.atol}
+            entries.append(entry)
+    raw["artifacts"] = entries
+    raw["self_test"] = bundle.make_self_test(probe, expected, self_test_labels)
+    for derived in ("bundle_id", "model_card", "signing"):  # recomputed from the new files
+        raw.pop(derived, None)
+    card = json.loads((bundle_dir / bundle.MODEL_CARD).read_text(encoding="utf-8"))
+    card.update(card_updates)
+    # _write copies the files into a new staged bundle before it replaces this one.
+    files = {e["file"]: bundle_dir / e["file"] for e in entries}
+    return _write(bundle_dir, files, card, raw, private_key)

@@ -47,9 +47,16 @@ def default_data_specs(task: TaskSpec) -> tuple[str | None, str | None]:
 
 
 def resolve_data_specs(
-    task: TaskSpec, eval_data: str | None, calibration: str | None, needs_calibration: bool
-) -> tuple[str, str | None]:
+    task: TaskSpec,
+    eval_data: str | None,
+    calibration: str | None,
+    needs_calibration: bool,
+    needs_eval: bool = True,
+) -> tuple[str | None, str | None]:
     """Fill in the default data specs, or explain which option a user task needs.
+
+    ``needs_eval`` is false for an export without validation (``--no-validate``):
+    then no evaluation spec is required, and ``None`` may come back for it.
 
     Raises
     ------
@@ -60,7 +67,7 @@ def resolve_data_specs(
     eval_spec = eval_data or default_eval
     calibration_spec = calibration or default_calibration
     missing = []
-    if eval_spec is None:
+    if needs_eval and eval_spec is None:
         missing.append("--eval-data (labelled data to validate the artifacts on)")
     if needs_calibration and calibration_spec is None:
         missing.append("--calibration (representative inputs for static int8 quantization)")
@@ -69,8 +76,7 @@ def resolve_data_specs(
             f"task {task.name!r} has no built-in data; pass " + " and ".join(missing),
             hint="a data spec is an image folder or a CSV path, as for `fedge client start --data`",
         )
-    assert eval_spec is not None
-    return eval_spec, calibration_spec if needs_calibration else None
+    return eval_spec if needs_eval else None, calibration_spec if needs_calibration else None
 
 
 def load_prepared(

@@ -104,24 +104,55 @@ def complete_card(
     *,
     version: str,
     task: TaskSpec,
-    rows: Sequence[Mapping[str, Any]],
     skipped: Mapping[str, str],
-    failed: Sequence[str],
     privacy: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
-    """The whole card: the caller's facts (``source_card``, export settings) plus results."""
+    """The card export writes: the caller's facts (``source_card``, export settings).
+
+    It says the bundle is not validated (``validated: false``, ``validation: null``)
+    until ``validation_card``'s keys replace those.
+    """
     complete = dict(card or {})
     complete.update(
         {
             "format": FORMAT,
             "version": version,
-            "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "created_at": _now(),
             "task": task.to_dict(),
-            "validation": [dict(row) for row in rows],
+            "validated": False,
+            "validation": None,
+            "validation_data": None,
             "skipped": dict(skipped),
-            "failed_validation": list(failed),
+            "failed_validation": [],
             "privacy": None if privacy is None else dict(privacy),
         }
     )
     complete["export"] = {**dict(complete.get("export") or {}), "tools": tool_versions()}
     return complete
+
+
+def validation_card(
+    rows: Sequence[Mapping[str, Any]],
+    failed: Sequence[str],
+    *,
+    eval_spec: str | None,
+    eval_examples: int,
+    max_accuracy_drop: float,
+) -> dict[str, Any]:
+    """The card keys validation sets: the table, what failed, and on what data."""
+    return {
+        "validated": True,
+        "validation": [dict(row) for row in rows],
+        "failed_validation": list(failed),
+        "validation_data": {
+            "eval_data": describe_spec(eval_spec),
+            "eval_examples": eval_examples,
+            "max_accuracy_drop": max_accuracy_drop,
+            "runtime": "fedge.edge.device.runtime",
+            "validated_at": _now(),
+        },
+    }
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

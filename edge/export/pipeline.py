@@ -1,18 +1,21 @@
-"""From a global model to a signed edge bundle: export, quantize, validate, bundle.
+"""From a global model to a signed edge bundle: export, then validate, as two steps.
 
-``export_bundle`` is what ``fedge export`` and the demo call. It loads a run's
-checkpoint and its evaluation/calibration data, then ``export_model`` builds
-every requested artifact (a conversion error skips that artifact with its
-reason; the others go on), validates each against PyTorch, and bundles the ones
-that pass. If some fail validation the bundle is still written with the passing
-ones, and ``ArtifactsFailed`` (an ``ExportError``, non-zero exit) names the
-failures; it carries the report so callers can still show the table.
+``export`` builds every requested artifact (a conversion error skips that
+artifact with its reason; the others go on) and writes a signed bundle whose
+artifacts carry no validation result. ``export_model`` runs it into a staging
+directory, then (unless told not to) validates the bundle with the device
+runtime and records the outcome (``validate_bundle.validate_and_record``), and
+only then renames it into place. ``export_bundle`` is what ``fedge export`` and
+the demo call: it loads a run's checkpoint and its evaluation/calibration data
+first. If some artifacts fail validation the bundle is still written with the
+passing ones, and ``ArtifactsFailed`` (an ``ExportError``, non-zero exit) names
+the failures; it carries the report so callers can still show the table.
 """
 
 import logging
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedge.edge.export import bundle_writer, validate
+from fedge.edge.export import bundle_writer
+from fedge.edge.export import validate as validate_mod
 from fedge.edge.export.bundle_writer import BuiltArtifact
 from fedge.edge.export.calibration import (
     DEFAULT_CALIBRATION_EXAMPLES,
@@ -38,7 +42,7 @@ from fedge.edge.export.model_card import (
     source_card,
 )
 from fedge.edge.export.onnx_export import set_metadata
-from fedge.shared import signing
+from fedge.shared import bundle, signing
 from fedge.shared.bundle import ARTIFACT_FORMATS
 from fedge.shared.errors import ConfigError, ExportError
 from fedge.shared.tasks import TaskSpec
@@ -71,10 +75,12 @@ class ExportReport:
     version: str = ""
     bundle_id: str | None = None
     validation_path: Path | None = None
+    validated: bool = True
 
     def table(self) -> Any:
         """The validation table as a rich ``Table``."""
-        return validate.render_table(self.rows, title=f"Validation of {self.version}")
+        title = "Validation" if self.validated else "Exported (not validated)"
+        return validate_mod.render_table(self.rows, title=f"{title} of {self.version}")
 
 
 class ArtifactsFailed(ExportError):
@@ -133,7 +139,7 @@ def check_choices(formats: Sequence[str], quantize: Sequence[str]) -> None:
 
 
 @contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], Any]]:
+def _progress(enabled: bool, total: int, console: Any = None) -> Iterator[Callable[[str], Any]]:
     """Yield ``step(description)``, a context manager that advances one bar across steps."""
     from rich.progress import (
         BarColumn,
@@ -146,7 +152,7 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], Any]]:
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn())  # fmt: skip
-    with Progress(*columns, disable=not enabled) as bar:
+    with Progress(*columns, disable=not enabled, console=console) as bar:
         task = bar.add_task("export", total=total)
 
         @contextmanager
@@ -190,12 +196,122 @@ def _builders(
     }
 
 
+@dataclass
+class Exported:
+    """What ``export`` wrote: the (unvalidated) bundle and the artifacts it could not build."""
+
+    bundle_dir: Path
+    bundle_id: str
+    order: list[str]  # every bundled artifact planned, built or not, in plan order
+    sizes: dict[str, int]  # built artifacts' sizes by name
+    skipped: dict[str, str]
+
+
+def _no_step(description: str) -> Any:
+    return nullcontext()
+
+
+def export(
+    model: nn.Module,
+    task: TaskSpec,
+    out_dir: Path,
+    *,
+    private_key: signing.Ed25519PrivateKey,
+    version: str,
+    sample: torch.Tensor | None = None,
+    calibration: PreparedData | None = None,
+    formats: Sequence[str] = ARTIFACT_FORMATS,
+    quantize: Sequence[str] = QUANTIZATIONS,
+    model_card: Mapping[str, Any] | None = None,
+    privacy: Mapping[str, Any] | None = None,
+    force: bool = False,
+    step: Callable[[str], Any] = _no_step,
+    target: str = "x86-64",
+) -> Exported:
+    """Build every requested artifact and write them into a signed, unvalidated bundle.
+
+    An artifact that fails to build is skipped with its reason; the others go
+    on. Nothing is run or compared here: ``fedge.edge.export.validate.validate``
+    does that, and ``bundle_writer.record_validation`` records it. Until then
+    every artifact's ``validation`` is null, so no device runs it.
+
+    Parameters
+    ----------
+    model, task
+        The PyTorch classifier and its task.
+    out_dir
+        The bundle directory to create.
+    private_key, version
+        The signing key and the bundle version.
+    sample
+        One preprocessed input to trace with (default: zeros of the task's input shape).
+    calibration
+        Inputs for static int8 calibration (needed when ``static`` is asked for).
+    formats, quantize
+        What to build (see ``export_bundle``).
+    model_card, privacy
+        The card's facts about the model (``source_card`` + export settings) and
+        the run's privacy record.
+    force
+        Replace an existing ``out_dir``.
+    step
+        ``step(description)`` returns a context manager around each step (progress).
+    target
+        The device CPU static int8 is tuned for (``quantize.STATIC_TARGETS``).
+
+    Raises
+    ------
+    ExportError
+        No artifact could be built, or ``out_dir`` exists (without ``force``).
+    ConfigError
+        Bad options, or static quantization without calibration data.
+    """
+    check_choices(formats, quantize)
+    out_dir = Path(out_dir)
+    bundle_writer.check_destination(out_dir, force)
+    plans, skipped = plan_artifacts(formats, quantize)
+    if any(p.quantization == "static" for p in plans) and calibration is None:
+        raise ConfigError("static quantization needs calibration data (--calibration)")
+    model = model.eval().cpu()
+    if sample is None:
+        sample = torch.zeros(1, *task.input_shape)
+    fingerprint = signing.public_key_fingerprint(private_key)
+    stamp = bundle_writer.onnx_metadata(version, task, fingerprint, privacy)
+    with tempfile.TemporaryDirectory(prefix="fedge-export-") as tmp:
+        work = Path(tmp)
+        reader = None if calibration is None else CalibrationReader(calibration.x)
+        builders = _builders(model, sample[:1], work, reader, target)
+        built = _build_all(plans, builders, work, skipped, step)
+        if not built:
+            why = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
+            raise ExportError(f"no artifact could be exported ({why})")
+        for artifact in built.values():
+            if artifact.format == "onnx":
+                # Stamped before validation and hashing: the bundle holds the validated bytes.
+                set_metadata(artifact.path, stamp)
+        card = complete_card(
+            model_card, version=version, task=task, skipped=skipped, privacy=privacy
+        )
+        with step("sign bundle"):
+            manifest = bundle_writer.write_bundle(
+                out_dir, task=task, artifacts=list(built.values()), model_card=card,
+                privacy=privacy, version=version, private_key=private_key, force=force,
+            )  # fmt: skip
+    return Exported(
+        out_dir,
+        manifest.bundle_id,
+        [p.name for p in plans if p.bundled],
+        {Path(a.file).name: a.size for a in manifest.artifacts},
+        skipped,
+    )
+
+
 def export_model(
     model: nn.Module,
     task: TaskSpec,
     out_dir: Path,
     *,
-    eval_set: PreparedData,
+    eval_set: PreparedData | None,
     calibration: PreparedData | None,
     private_key: signing.Ed25519PrivateKey,
     version: str,
@@ -207,12 +323,16 @@ def export_model(
     progress: bool = True,
     force: bool = False,
     target: str = "x86-64",
+    validate: bool = True,
+    eval_spec: str | None = None,
+    console: Any = None,
 ) -> ExportReport:
-    """Export an in-memory model to a signed bundle (``export_bundle`` without the checkpoint).
+    """``export``, then (unless ``validate`` is false) validate and record, then move into place.
 
     Parameters are those of ``export_bundle``, with the data already prepared,
     the key loaded, and ``model_card`` holding the facts about the model's origin
-    (see ``fedge.edge.export.model_card.source_card``).
+    (see ``fedge.edge.export.model_card.source_card``). ``eval_set`` may be
+    ``None`` only when ``validate`` is false.
 
     Raises
     ------
@@ -222,77 +342,56 @@ def export_model(
     ExportError, ConfigError
         The destination exists (without ``force``), or bad options.
     """
+    from fedge.edge.export.validate_bundle import validate_and_record
+
     check_choices(formats, quantize)
     out_dir = Path(out_dir)
     bundle_writer.check_destination(out_dir, force)
-    plans, skipped = plan_artifacts(formats, quantize)
-    if any(p.quantization == "static" for p in plans) and calibration is None:
-        raise ConfigError("static quantization needs calibration data (--calibration)")
-    model = model.eval().cpu()
-    fingerprint = signing.public_key_fingerprint(private_key)
-    stamp = bundle_writer.onnx_metadata(version, task, fingerprint, privacy)
-    total = len(plans) + sum(p.bundled for p in plans) + 2
-    with tempfile.TemporaryDirectory(prefix="fedge-export-") as tmp, _progress(
-        progress, total
-    ) as step:
-        work = Path(tmp)
-        reader = None if calibration is None else CalibrationReader(calibration.x)
-        builders = _builders(model, torch.from_numpy(eval_set.x[:1]), work, reader, target)
-        built = _build_all(plans, builders, work, skipped, step)
-        for artifact in built.values():
-            if artifact.format == "onnx":
-                # Stamped before validation and hashing: the bundle holds the validated bytes.
-                set_metadata(artifact.path, stamp)
-        with step("PyTorch reference"):
-            reference = validate.reference_logits(model, eval_set.x)
-        results: dict[str, validate.ValidationResult] = {}
-        for plan in (p for p in plans if p.bundled):
-            with step(f"validate {plan.name}"):
-                if plan.name in built:
-                    art = built[plan.name]
-                    results[plan.name] = validate.validate_file(
-                        art.path, art.name, art.format, art.precision, art.quantization,
-                        eval_set.x, eval_set.y, reference, max_accuracy_drop=max_accuracy_drop,
-                    )  # fmt: skip
-        rows = validate.table_rows([p.name for p in plans if p.bundled], results, skipped)
-        failed = [name for name, r in results.items() if not r.passed]
-        passing = [(built[n], r) for n, r in results.items() if r.passed]
-        report = ExportReport(None, rows, skipped, failed, version)
-        report.validation_path = validate.write_validation_file(out_dir, rows)
-        with step("sign bundle"):
-            if not passing:
-                raise ArtifactsFailed(_nothing_message(results, skipped), report)
-            index = bundle_writer.choose_self_test(reference)
-            probe = eval_set.x[index]
-            # Run as one batch, as a device's self-test will: dynamic quantization's
-            # activation scales depend on the batch they see.
-            expected = {
-                a.name: validate.predictor_for(a.path, a.format)(probe) for a, _ in passing
-            }
-            card = complete_card(
-                model_card, version=version, task=task, rows=rows, skipped=skipped,
-                failed=failed, privacy=privacy,
+    if validate and eval_set is None:
+        raise ConfigError("validation needs evaluation data (--eval-data), or pass --no-validate")
+    plans, _ = plan_artifacts(formats, quantize)
+    total = len(plans) + 1 + (2 if validate else 0)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    message = ""  # why artifacts were left out, when some were
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.export-", dir=out_dir.parent) as tmp:
+        staged = Path(tmp) / out_dir.name
+        with _progress(progress, total, console) as step:
+            exported = export(
+                model, task, staged, private_key=private_key, version=version,
+                sample=None if eval_set is None else torch.from_numpy(eval_set.x[:1]),
+                calibration=calibration, formats=formats, quantize=quantize,
+                model_card=model_card, privacy=privacy, step=step, target=target,
             )  # fmt: skip
-            manifest = bundle_writer.write_bundle(
-                out_dir,
-                task=task,
-                artifacts=passing,
-                self_test_inputs=probe,
-                self_test_expected=expected,
-                self_test_labels=[int(v) for v in reference[index].argmax(1)],
-                model_card=card,
-                privacy=privacy,
-                version=version,
-                private_key=private_key,
-                force=force,
-            )
+            report = ExportReport(None, [], exported.skipped, [], version, validated=validate)
+            if not validate:
+                report.rows = validate_mod.table_rows(exported.order, {}, exported.skipped,
+                                                      exported.sizes)  # fmt: skip
+                _remove_stale_validation_file(out_dir)
+            else:
+                assert eval_set is not None
+                with step("PyTorch reference"):
+                    reference = validate_mod.reference_logits(model.eval().cpu(), eval_set.x)
+                with step("validate with the device runtime"):
+                    outcome = validate_and_record(
+                        staged, private_key, eval_set, reference, order=exported.order,
+                        skipped=exported.skipped, max_accuracy_drop=max_accuracy_drop,
+                        eval_spec=eval_spec, out_dir=out_dir,
+                    )  # fmt: skip
+                report.rows, report.failed = outcome.rows, outcome.failed
+                report.validation_path, message = outcome.validation_path, outcome.message
+                if outcome.manifest is None:
+                    raise ArtifactsFailed(message, report)
+        bundle_writer.replace_dir(staged, out_dir)
+    manifest = bundle.read_manifest(out_dir)
     report.bundle_dir, report.bundle_id = out_dir, manifest.bundle_id
-    if failed:
-        detail = ", ".join(f"{n} ({results[n].reason})" for n in failed)
-        raise ArtifactsFailed(
-            f"left out of bundle {out_dir} because they failed validation: {detail}", report
-        )
+    if report.failed:
+        raise ArtifactsFailed(message, report)
     return report
+
+
+def _remove_stale_validation_file(out_dir: Path) -> None:
+    """An unvalidated bundle must not sit beside the validation table of an older one."""
+    validate_mod.validation_file_path(out_dir).unlink(missing_ok=True)
 
 
 def _build_all(
@@ -330,14 +429,6 @@ def _build_all(
     return built
 
 
-def _nothing_message(
-    results: Mapping[str, validate.ValidationResult], skipped: Mapping[str, str]
-) -> str:
-    parts = [f"{n} failed ({r.reason})" for n, r in results.items()]
-    parts += [f"{n} skipped ({why})" for n, why in skipped.items()]
-    return "no artifact passed validation, so no bundle was written: " + "; ".join(parts)
-
-
 def export_bundle(
     source: Path,
     out_dir: Path,
@@ -352,6 +443,8 @@ def export_bundle(
     force: bool = False,
     version: str | None = None,
     target: str = "x86-64",
+    validate: bool = True,
+    console: Any = None,
 ) -> ExportReport:
     """Export a run's global model (or a checkpoint) to a validated, signed edge bundle.
 
@@ -376,7 +469,7 @@ def export_bundle(
     max_accuracy_drop
         Accuracy points an artifact may lose against PyTorch and still be bundled.
     progress
-        Show a progress bar.
+        Show a progress bar (on ``console``, a ``rich`` Console; default: rich's own).
     force
         Replace an existing ``out_dir``.
     version
@@ -384,6 +477,10 @@ def export_bundle(
     target
         The device CPU static int8 is tuned for: ``x86-64`` (the default; any x86
         CPU), ``x86-64-vnni`` or ``arm64`` (``quantize.STATIC_TARGETS``).
+    validate
+        Validate the artifacts and record the results (default). ``False``
+        (``--no-validate``) writes a bundle whose artifacts carry no validation
+        result: no device runs them until ``fedge validate`` records one.
 
     Returns
     -------
@@ -417,9 +514,11 @@ def export_bundle(
     plans, _ = plan_artifacts(formats, quantize)
     needs_calibration = any(p.quantization == "static" for p in plans)
     eval_spec, calibration_spec = resolve_data_specs(
-        ckpt.task, eval_data, calibration, needs_calibration
+        ckpt.task, eval_data, calibration, needs_calibration, needs_eval=validate
     )
-    eval_set = load_prepared(eval_spec, ckpt.task, label_column=cfg.label_column)
+    eval_set = (
+        load_prepared(eval_spec, ckpt.task, label_column=cfg.label_column) if eval_spec else None
+    )
     calibration_set = (
         load_prepared(calibration_spec, ckpt.task, DEFAULT_CALIBRATION_EXAMPLES, cfg.label_column)
         if calibration_spec
@@ -431,11 +530,8 @@ def export_bundle(
     card["export"] = {
         "formats": list(formats),
         "quantize": list(quantize),
-        "eval_data": describe_spec(eval_spec),
-        "eval_examples": len(eval_set),
         "calibration": describe_spec(calibration_spec),
         "calibration_examples": 0 if calibration_set is None else len(calibration_set),
-        "max_accuracy_drop": max_accuracy_drop,
     }
     return export_model(
         model,
@@ -453,4 +549,7 @@ def export_bundle(
         progress=progress,
         force=force,
         target=target,
+        validate=validate,
+        eval_spec=eval_spec,
+        console=console,
     )

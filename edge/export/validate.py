@@ -1,22 +1,29 @@
-"""Validate exported artifacts against the PyTorch model; the caller decides what fails export.
+"""Validate a bundle's artifacts with the device runtime against PyTorch; the caller decides.
 
-Export and validation are separate steps (Optimum's pattern): this module runs
-each artifact with its own runtime on the evaluation set and measures, against
-the PyTorch logits on the same preprocessed inputs, the max absolute logit
-difference, top-1 agreement, accuracy and the accuracy drop in points. An
-artifact *passes* when its accuracy drop is within the allowed budget and,
-for fp32 artifacts, its logits match PyTorch within the fp32 tolerance (an fp32
-mismatch means a broken conversion, whatever the accuracy says).
+Export and validation are separate steps (Optimum's ``export()`` then
+``validate_model_outputs()``): ``validate`` opens an exported bundle as a device
+would (``fedge.edge.device.runtime``: signature check, NHWC input, fixed or
+dynamic batch, int8 I/O) and measures each artifact on the evaluation set
+against the PyTorch logits of the same preprocessed inputs: max absolute logit
+difference, top-1 agreement, accuracy and accuracy drop in points. An artifact
+*passes* when its accuracy drop is within the allowed budget and, for fp32
+artifacts, its logits match PyTorch within the fp32 tolerance (an fp32 mismatch
+means a broken conversion, whatever the accuracy says). Every artifact is run
+and reported before ``ValidationFailed`` is raised once, naming all failures.
 """
 
-from collections.abc import Callable, Iterable, Mapping
+import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-Predictor = Callable[[np.ndarray], np.ndarray]
+from fedge.shared.errors import ExportError
+from fedge.shared.signing import Ed25519PublicKey
+
+log = logging.getLogger(__name__)
 
 # Self-test tolerances, relative to the largest |logit| of the reference (``scale``).
 # fp32 artifacts reproduce PyTorch to float rounding; int8 kernels differ between
@@ -26,6 +33,8 @@ FP32_ATOL = 1e-5
 FP32_RTOL = 1e-4
 INT8_ATOL = 1e-3
 INT8_RTOL = 0.1
+# The table status of an artifact exported with ``--no-validate``.
+NOT_VALIDATED = "not validated"
 
 
 @dataclass(frozen=True)
@@ -69,73 +78,7 @@ def tolerance(precision: str, reference_logits: np.ndarray) -> float:
     return INT8_ATOL + INT8_RTOL * scale
 
 
-def onnx_predictor(path: Path | str) -> Predictor:
-    """Run an ONNX file with onnxruntime on the CPU (whole batches; the batch axis is free)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        outputs = [
-            session.run(None, {input_name: x[i : i + 256]})[0] for i in range(0, len(x), 256)
-        ]
-        return np.concatenate(outputs).astype(np.float32)
-
-    return predict
-
-
-def tflite_predictor(path: Path | str) -> Predictor:
-    """Run a ``.tflite`` file with the LiteRT interpreter, one fixed-size batch at a time."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path))
-    interpreter.allocate_tensors()
-    inp = interpreter.get_input_details()[0]
-    out = interpreter.get_output_details()[0]
-    batch = int(inp["shape"][0])
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        outputs = []
-        for start in range(0, len(x), batch):
-            chunk = x[start : start + batch]
-            rows = len(chunk)
-            if rows < batch:
-                pad = np.zeros((batch - rows, *chunk.shape[1:]), chunk.dtype)
-                chunk = np.concatenate([chunk, pad])
-            interpreter.set_tensor(inp["index"], _quantize(np.ascontiguousarray(chunk), inp))
-            interpreter.invoke()
-            outputs.append(_dequantize(interpreter.get_tensor(out["index"]), out)[:rows])
-        return np.concatenate(outputs).astype(np.float32)
-
-    return predict
-
-
-def _quantize(x: np.ndarray, detail: Mapping[str, Any]) -> np.ndarray:
-    """Float input -> the tensor's integer type, for models with quantized I/O."""
-    dtype = detail["dtype"]
-    if dtype == np.float32:
-        return x
-    scale, zero = detail["quantization"]
-    info = np.iinfo(dtype)
-    return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
-
-
-def _dequantize(y: np.ndarray, detail: Mapping[str, Any]) -> np.ndarray:
-    if y.dtype == np.float32:
-        return y
-    scale, zero = detail["quantization"]
-    return (y.astype(np.float32) - zero) * scale
-
-
-def predictor_for(path: Path | str, format: str) -> Predictor:
-    """The predictor for an artifact of ``format`` (``onnx`` or ``tflite``)."""
-    return onnx_predictor(path) if format == "onnx" else tflite_predictor(path)
-
-
-def validate_artifact(
+def compare_logits(
     artifact: str,
     format: str,
     precision: str,
@@ -226,7 +169,8 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 def render_table(rows: Iterable[Mapping[str, Any]], title: str = "Validation") -> Any:
     """A rich ``Table`` of validation rows (``ValidationResult.to_dict()`` or skipped rows).
 
-    A skipped row has ``artifact``, ``status: "skipped"`` and ``reason``. The
+    A skipped row has ``artifact``, ``status: "skipped"`` and ``reason``; an
+    artifact exported with ``--no-validate`` has ``status: "not validated"``. The
     reasons of failed and skipped rows go in the caption, one line each, so the
     table itself stays narrow enough for an 80-column log.
     """
@@ -247,6 +191,9 @@ def render_table(rows: Iterable[Mapping[str, Any]], title: str = "Validation") -
             table.add_row(name, "-", "-", "-", "-", "-", "[yellow]skip[/]")
             notes.append(f"[yellow]{name} skipped[/]: {row['reason']}")
             continue
+        if row.get("status") == NOT_VALIDATED:
+            table.add_row(name, _size(int(row["size"])), "-", "-", "-", "-", "not run")
+            continue
         if not row["passed"]:
             notes.append(f"[red]{name} failed[/]: {row['reason']}")
         table.add_row(
@@ -254,9 +201,9 @@ def render_table(rows: Iterable[Mapping[str, Any]], title: str = "Validation") -
             _size(int(row["size"])),
             "-" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.1e}",
             f"{row['top1_agreement']:.3f}",
-            f"{row['accuracy']:.4f}",
+            percent(row["accuracy"]),
             f"{row['accuracy_drop_points']:+.2f}",
-            "[green]pass[/]" if row["passed"] else "[red]FAIL[/]",
+            "[green]✓ pass[/]" if row["passed"] else "[red]✗ FAIL[/]",
         )
     if notes:
         table.caption = "\n".join(notes)
@@ -278,42 +225,105 @@ def reference_logits(model: Any, x: np.ndarray) -> np.ndarray:
     return predict_logits(model, x).astype(np.float32)
 
 
-def validate_file(
-    path: Path,
-    artifact: str,
-    format: str,
-    precision: str,
-    quantization: str,
+class ValidationFailed(ExportError):
+    """Some artifacts failed validation; ``results`` holds every artifact's result."""
+
+    def __init__(self, results: list[ValidationResult], bundle_dir: Path) -> None:
+        failed = [r for r in results if not r.passed]
+        detail = "; ".join(f"{r.artifact} ({r.reason})" for r in failed)
+        super().__init__(
+            f"{len(failed)} of {len(results)} artifacts of {bundle_dir} failed validation: {detail}"
+        )
+        self.results = results
+        self.bundle_dir = bundle_dir
+
+
+def validate(
+    bundle_dir: Path | str,
+    trusted_key: Path | str | Ed25519PublicKey,
     x: np.ndarray,
     labels: np.ndarray,
     reference_logits: np.ndarray,
     *,
-    max_accuracy_drop: float,
-) -> ValidationResult:
-    """Run one artifact file on the evaluation inputs ``x`` and validate it.
+    max_accuracy_drop: float = 1.0,
+) -> list[ValidationResult]:
+    """Run every artifact of a bundle with the device runtime and compare with PyTorch.
 
-    A runtime that cannot load or run the file fails it (``unrunnable``) with
-    the runtime's reason, rather than raising.
+    Parameters
+    ----------
+    bundle_dir
+        An exported bundle (validated or not).
+    trusted_key
+        The public key the bundle must verify under (the signing key's public half).
+    x, labels
+        The preprocessed evaluation inputs (canonical layout, float32) and their labels.
+    reference_logits
+        PyTorch's logits on ``x`` (``reference_logits``).
+    max_accuracy_drop
+        Accuracy points an artifact may lose against PyTorch and still pass.
+
+    Returns
+    -------
+    list[ValidationResult]
+        One per artifact, in manifest order, all passed.
+
+    Raises
+    ------
+    ValidationFailed
+        After every artifact was run, if any failed; ``.results`` has all of them.
+    BundleError
+        The bundle does not verify under ``trusted_key``.
     """
-    size = Path(path).stat().st_size
-    facts = (artifact, format, precision, quantization, size)
-    try:
-        logits = predictor_for(path, format)(x)
-    except Exception as e:  # runtimes raise their own types
-        text = str(e).strip().splitlines()
-        reason = f"its runtime cannot run it: {text[0] if text else type(e).__name__}"[:300]
-        return unrunnable(*facts, reference_logits, labels, reason)
-    return validate_artifact(
-        *facts, logits, reference_logits, labels, max_accuracy_drop=max_accuracy_drop
-    )
+    from fedge.edge.device.runtime import load_artifact
+    from fedge.shared.bundle import verify_bundle
+
+    bundle_dir = Path(bundle_dir)
+    manifest = verify_bundle(bundle_dir, trusted_key)
+    results = []
+    for entry in manifest.artifacts:
+        name = Path(entry.file).name
+        facts = (name, entry.format, entry.precision, entry.quantization, entry.size)
+        try:
+            with load_artifact(bundle_dir, manifest, entry) as model:
+                logits = model.predict(np.ascontiguousarray(x, np.float32)).logits
+        except Exception as e:  # runtimes raise their own types; the artifact fails, not us
+            reason = f"the device runtime cannot run it: {_first_line(e)}"
+            result = unrunnable(*facts, reference_logits, labels, reason)
+        else:
+            result = compare_logits(
+                *facts, logits, reference_logits, labels, max_accuracy_drop=max_accuracy_drop
+            )
+        if result.passed:
+            log.info("✓ %s: accuracy %.2f%%", name, result.accuracy * 100)
+        else:
+            log.warning("✗ %s: %s", name, result.reason)
+        results.append(result)
+    if not all(r.passed for r in results):
+        raise ValidationFailed(results, bundle_dir)
+    return results
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
+
+
+def percent(value: float) -> str:
+    """An accuracy as people read it: ``0.9823 -> "98.23%"``."""
+    return f"{value * 100:.2f}%"
 
 
 def table_rows(
     order: Iterable[str],
     results: Mapping[str, ValidationResult],
     skipped: Mapping[str, str],
+    sizes: Mapping[str, int] | None = None,
 ) -> list[dict[str, Any]]:
-    """The validation table: measured rows (``status`` pass/fail) then skipped ones."""
+    """The validation table: measured rows (``status`` pass/fail) then skipped ones.
+
+    An artifact in ``order`` with neither a result nor a skip reason was not
+    validated; its row has its size from ``sizes`` and ``status: "not validated"``.
+    """
     rows: list[dict[str, Any]] = []
     names = [*order, *(n for n in skipped if n not in results)]
     for name in dict.fromkeys(names):
@@ -323,6 +333,8 @@ def table_rows(
             rows.append(row)
         elif name in skipped:
             rows.append({"artifact": name, "status": "skipped", "reason": skipped[name]})
+        elif sizes is not None and name in sizes:
+            rows.append({"artifact": name, "status": NOT_VALIDATED, "size": sizes[name]})
     return rows
 
 
@@ -335,6 +347,11 @@ def write_validation_file(bundle_dir: Path, rows: list[dict[str, Any]]) -> Path:
     """
     from fedge.shared.atomic import atomic_write_json
 
-    path = bundle_dir.parent / f"{bundle_dir.name}.validation.json"
+    path = validation_file_path(bundle_dir)
     atomic_write_json(path, {"format": "fedge-validation/1", "rows": rows})
     return path
+
+
+def validation_file_path(bundle_dir: Path) -> Path:
+    """``<bundle>.validation.json``, beside the bundle directory."""
+    return bundle_dir.parent / f"{bundle_dir.name}.validation.json"
