@@ -41,6 +41,7 @@ from fedge.shared.records import EVENT_PREFIX
 SITES = ["digits#0/2", "digits#1/2"]
 STAGES = ["push", "pickup", "clientapp start", "data", "training", "reply", "aggregation"]
 _LINE = re.compile(r"^(\d+\.\d+) .*fedge: (.*)$")
+_SECONDS = re.compile(r" in (\d+\.\d+)s$")
 
 
 @dataclass(frozen=True)
@@ -99,12 +100,12 @@ def _site_timeline(log: Path) -> tuple[str, list[dict[str, float]]]:
         at, text = float(found.group(1)), found.group(2)
         if text.startswith("flwr Receiving: train"):
             messages.append({"received": at})
-        elif messages and " data " in text:
-            seconds = float(text.rsplit(" in ", 1)[1].rstrip("s"))
-            messages[-1].update(data_started=at - seconds, data=seconds)
-        elif messages and "trained round" in text:
-            seconds = float(text.rsplit(" in ", 1)[1].rstrip("s"))
-            messages[-1].update(trained=at, training=seconds)
+        elif messages and (took := _SECONDS.search(text)):
+            seconds = float(took.group(1))
+            if re.search(r": data (loaded|cached) in ", text):
+                messages[-1].update(data_started=at - seconds, data=seconds)
+            elif ": trained round " in text:
+                messages[-1].update(trained=at, training=seconds)
     return node, messages
 
 
@@ -149,10 +150,11 @@ def import_seconds() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keep", type=Path, help="Keep the federations' logs in this folder.")
     args = parser.parse_args()
     cfg = RunConfig(num_rounds=args.rounds, min_clients=2, federated_eval=False, server_eval=False)
     with tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp:
-        root = Path(tmp)
+        root = args.keep or Path(tmp)
         local = local_round_seconds(cfg, repeats=3)
         rounds: dict[str, float] = {}
         stages: dict[str, dict[str, float]] = {}
