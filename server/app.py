@@ -140,7 +140,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
                 quantization_range=cfg.privacy.secagg_quantization_range,
                 timeout=cfg.privacy.secagg_timeout,
             )
-        DefaultWorkflow(fit_workflow=fit_workflow)(PromptGrid(grid), legacy)  # type: ignore[arg-type]
+        DefaultWorkflow(fit_workflow=fit_workflow)(PromptGrid(grid), legacy)
     return run.finish()
 
 
