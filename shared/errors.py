@@ -100,9 +100,3 @@ class RegistryError(FedgeError):
     """A registry operation that cannot be done."""
 
     exit_code = ExitCode.REGISTRY
-
-
-class CompatibilityError(FedgeError):
-    """The installed Flower lacks an internal that fedge relies on (see flower_compat)."""
-
-    exit_code = ExitCode.RUN

@@ -9,7 +9,7 @@ from pathlib import Path
 import flwr
 import pytest
 
-from fedge.shared.errors import CompatibilityError
+from fedge.shared.errors import RunError
 from fedge.shared.ml import flower_compat
 
 
@@ -25,9 +25,9 @@ def test_the_installed_flower_passes_every_check() -> None:
 
 def test_an_untested_flower_release_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(flwr, "__version__", "1.43.0")
-    with pytest.raises(CompatibilityError, match=r"flwr 1\.43\.0: untested release"):
+    with pytest.raises(RunError, match=r"flwr 1\.43\.0: untested release"):
         flower_compat.superexec_module()
-    with pytest.raises(CompatibilityError, match="untested release"):
+    with pytest.raises(RunError, match="untested release"):
         flower_compat.shorten_supernode_polls(0.2)
 
 
@@ -36,7 +36,7 @@ def test_a_renamed_executor_factory_is_refused(monkeypatch: pytest.MonkeyPatch) 
     import flwr.supercore.superexec.run_superexec as module
 
     monkeypatch.delattr(module, "get_executor")
-    with pytest.raises(CompatibilityError, match="get_executor is gone"):
+    with pytest.raises(RunError, match="get_executor is gone"):
         flower_compat.superexec_module()
 
 
@@ -49,7 +49,7 @@ def test_a_superexec_that_no_longer_asks_the_factory_is_refused(
         return None  # picks its executor some other way
 
     monkeypatch.setattr(module, "run_superexec", run_superexec)
-    with pytest.raises(CompatibilityError, match="no longer uses get_executor"):
+    with pytest.raises(RunError, match="no longer uses get_executor"):
         flower_compat.superexec_module()
 
 
@@ -57,7 +57,7 @@ def test_a_moved_poll_variable_is_refused(monkeypatch: pytest.MonkeyPatch) -> No
     import flwr.supercore.superexec.run_superexec as module
 
     monkeypatch.setattr(module, "_TASK_POLL_INTERVAL_ENV", "FLWR_SOMETHING_ELSE")
-    with pytest.raises(CompatibilityError, match="FLWR_SUPEREXEC_TASK_POLL_INTERVAL"):
+    with pytest.raises(RunError, match="FLWR_SUPEREXEC_TASK_POLL_INTERVAL"):
         flower_compat.superexec_module()
 
 
@@ -79,9 +79,7 @@ def test_a_superexec_that_ignores_the_executor_stops_the_process() -> None:
         flower_compat.run_superexec_with(object, "127.0.0.1:1", None, 0.2)
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 70
     assert "did not use fedge's executor" in done.stderr
 
@@ -106,7 +104,7 @@ def test_a_supernode_loop_without_the_3s_sleep_is_refused(monkeypatch: pytest.Mo
     import flwr.supernode.start_client_internal as module
 
     monkeypatch.setattr(module, "start_client_internal", _loop_polling_every_second)
-    with pytest.raises(CompatibilityError, match="no longer sleeps 3 s"):
+    with pytest.raises(RunError, match="no longer sleeps 3 s"):
         flower_compat.shorten_supernode_polls(0.2)
 
 
@@ -118,7 +116,7 @@ def test_a_grid_missing_a_method_is_refused() -> None:
     class Partial(Grid):
         send_and_receive = PromptGrid.send_and_receive
 
-    with pytest.raises(CompatibilityError, match="Grid has methods Partial lacks: create_message"):
+    with pytest.raises(RunError, match="Grid has methods Partial lacks: create_message"):
         flower_compat.check_grid_subclass(Partial)
 
 
@@ -128,7 +126,7 @@ def test_workflows_that_stop_calling_send_and_receive_are_refused(
     from fedge.server.app import PromptGrid
 
     monkeypatch.setattr(flower_compat, "_WORKFLOW_MODULES", ("flwr.server.workflow.constant",))
-    with pytest.raises(CompatibilityError, match="no longer waits for replies"):
+    with pytest.raises(RunError, match="no longer waits for replies"):
         PromptGrid(grid=None)  # type: ignore[arg-type]
 
 
@@ -138,7 +136,7 @@ def test_the_warm_executor_fails_loudly_when_the_check_fails(
     from fedge.client.warm_executor import ForkExecutor
 
     monkeypatch.setattr(flwr, "__version__", "2.0.0")
-    with pytest.raises(CompatibilityError, match="untested release"):
+    with pytest.raises(RunError, match="untested release"):
         ForkExecutor()
 
 

@@ -4,7 +4,7 @@ fedge speeds up and hardens Flower 1.42 at three points Flower offers no public
 hook for. Each one is guarded here: the installed flwr must be a tested version,
 and every attribute fedge replaces or relies on must exist *and be the one Flower
 actually uses* (checked on the bytecode of the function that uses it). If a check
-fails, fedge stops with a ``CompatibilityError`` that names the missing piece,
+fails, fedge stops with a ``RunError`` that names the missing piece,
 instead of Flower quietly falling back to its own behaviour while every test
 still passes.
 
@@ -54,7 +54,7 @@ import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from fedge.shared.errors import CompatibilityError
+from fedge.shared.errors import RunError
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,10 @@ _SUPERNODE_IDLE_SLEEP = 3
 _EXECUTOR_DEADLINE_S = 30.0
 
 
-def _fail(what: str) -> CompatibilityError:
+def _fail(what: str) -> RunError:
     import flwr
 
-    return CompatibilityError(
+    return RunError(
         f"flwr {flwr.__version__}: {what}; fedge relies on it (fedge.shared.ml.flower_compat)",
         hint=_HINT,
     )
@@ -86,7 +86,7 @@ def check_version() -> str:
 
     Raises
     ------
-    CompatibilityError
+    RunError
         flwr is of a release these internals were not read in.
     """
     import flwr
@@ -140,7 +140,7 @@ def superexec_module() -> types.ModuleType:
 
     Raises
     ------
-    CompatibilityError
+    RunError
         ``run_superexec`` no longer picks its executor through the module-level
         ``get_executor``, or the poll-interval variable moved.
     """
@@ -168,7 +168,7 @@ def run_superexec_with(
 
     Raises
     ------
-    CompatibilityError
+    RunError
         A check of ``superexec_module`` fails.
     """
     module = superexec_module()
@@ -248,7 +248,7 @@ def shorten_supernode_polls(cap: float) -> None:
 
     Raises
     ------
-    CompatibilityError
+    RunError
         The SuperNode's loop no longer sleeps 3 s through the module's ``time``.
     """
     check_version()
@@ -287,7 +287,7 @@ def check_grid_subclass(cls: type) -> None:
 
     Raises
     ------
-    CompatibilityError
+    RunError
         Grid gained an abstract method ``cls`` lacks, or Flower's workflows no
         longer wait for replies through ``Grid.send_and_receive``.
     """
