@@ -100,7 +100,7 @@ def _site_timeline(log: Path) -> tuple[str, list[dict[str, float]]]:
         if not found:
             continue
         at, text = float(found.group(1)), found.group(2)
-        if text.startswith("flwr Receiving: train"):
+        if text.startswith("supernode message in: train"):
             messages.append({"received": at})
         elif messages and (took := _SECONDS.search(text)):
             seconds = float(took.group(1))

@@ -148,17 +148,26 @@ def _stop_when_executor_dies(executor: subprocess.Popen[bytes]) -> None:
     threading.Thread(target=wait, daemon=True, name="fedge-executor-reaper").start()
 
 
-class _MessageLines(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return str(record.msg).startswith(("Receiving:", "Sending:"))
+_MESSAGE_WORDS = (("Receiving:", "message in:"), ("Sending:", "message out:"))
+
+
+class _MessageTimes(logging.Handler):
+    """Notes when Flower's SuperNode receives and sends a message, with a Unix time.
+
+    Worded unlike Flower's own "Receiving:"/"Sending:" lines, which tests count.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        for flower, ours in _MESSAGE_WORDS:
+            if text.startswith(flower):
+                rest = text[len(flower) :].strip()
+                sys.stderr.write(f"{record.created:.3f} fedge: supernode {ours} {rest}\n")
 
 
 def _timestamp_message_lines() -> None:
-    """Repeat Flower's "Receiving:"/"Sending:" lines with a Unix time (for the round breakdown)."""
-    handler = logging.StreamHandler()
-    handler.addFilter(_MessageLines())
-    handler.setFormatter(logging.Formatter("%(created).3f fedge: flwr %(message)s"))
-    logging.getLogger("flwr").addHandler(handler)
+    """Log when each message comes in and goes out (for the round breakdown)."""
+    logging.getLogger("flwr").addHandler(_MessageTimes())
 
 
 def main(argv: list[str] | None = None) -> None:
