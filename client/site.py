@@ -6,7 +6,11 @@ can call it directly.
 """
 
 import logging
+import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +54,62 @@ def load_site_data(cfg: RunConfig, data_spec: str, label_column: str) -> SiteDat
     return SiteData(x[train_idx], raw.y[train_idx], x[eval_idx], raw.y[eval_idx])
 
 
+# One site's prepared data, kept for the life of the process (one entry: one site, one run at a
+# time). The warm executor fills it in its parent process so that every forked ClientApp starts
+# with it (``fedge.client.warm_executor``); partitioning and resizing cost more than a tiny
+# model's local epoch.
+_DATA_CACHE: dict[tuple[Any, ...], tuple[tuple[Any, ...], SiteData]] = {}
+# Called after a cache miss with (run config, data spec, label column); see ``on_data_loaded``.
+_loaded_hook: Callable[[RunConfig, str, str], None] | None = None
+
+
+def on_data_loaded(hook: Callable[[RunConfig, str, str], None] | None) -> None:
+    """Have ``hook`` called whenever this process loads a site's data (a cache miss)."""
+    global _loaded_hook
+    _loaded_hook = hook
+
+
+def _source_signature(data_spec: str) -> tuple[Any, ...]:
+    """What changes when the data behind ``data_spec`` changes (files: names, sizes, mtimes)."""
+    from fedge.shared.ml.data import DataSpec
+
+    spec = DataSpec.parse(data_spec)
+    if spec.is_builtin:
+        return ()
+    path = Path(spec.source).expanduser()
+    if path.is_file():
+        st = path.stat()
+        return ((st.st_size, st.st_mtime_ns),)
+    entries = []
+    for folder, _dirs, files in os.walk(path):
+        for name in files:
+            with_path = os.path.join(folder, name)
+            try:
+                st = os.stat(with_path)
+            except OSError:
+                continue
+            entries.append((with_path, st.st_size, st.st_mtime_ns))
+    return tuple(sorted(entries))
+
+
+def site_data(cfg: RunConfig, data_spec: str, label_column: str) -> tuple[SiteData, bool]:
+    """This site's data for ``cfg``, from the process's cache when the source is unchanged.
+
+    Returns the data and whether it came from the cache.
+    """
+    key = (data_spec, label_column, repr(task_for_run(cfg)), cfg.seed)
+    signature = _source_signature(data_spec)
+    cached = _DATA_CACHE.get(key)
+    if cached is not None and cached[0] == signature:
+        return cached[1], True
+    data = load_site_data(cfg, data_spec, label_column)
+    _DATA_CACHE.clear()
+    _DATA_CACHE[key] = (signature, data)
+    if _loaded_hook is not None:
+        _loaded_hook(cfg, data_spec, label_column)
+    return data, False
+
+
 def ndarrays_nbytes(arrays: list[np.ndarray]) -> int:
     return int(sum(a.nbytes for a in arrays))
 
@@ -82,7 +142,14 @@ class Site:
         self.device = select_device()
         self.model = build_run_model(cfg, task_for_run(cfg))
         self.keys = exchanged_keys(self.model, cfg.mode)
-        self.data = load_site_data(cfg, data_spec, label_column)
+        started = time.time()
+        self.data, cached = site_data(cfg, data_spec, label_column)
+        log.info(
+            "site %s: data %s in %.3fs",
+            self.name,
+            "cached" if cached else "loaded",
+            time.time() - started,
+        )
 
     def set_parameters(self, parameters: list[np.ndarray]) -> None:
         """Load the global values of the exchanged entries into the local model."""
@@ -115,6 +182,7 @@ class Site:
         mu = float(config.get(records.CFG_PROXIMAL_MU, 0.0))
         server_round = int(config.get(records.CFG_SERVER_ROUND, 1))
         privacy_metrics: dict[str, Any] = {}
+        started = time.time()
         if self.cfg.privacy.dp == "record":
             result, privacy_metrics = self._train_private(loader, mu, server_round)
         else:
@@ -128,6 +196,9 @@ class Site:
                 proximal_mu=mu,
             )
         out = self.get_parameters()
+        log.info(
+            "site %s: trained round %d in %.3fs", self.name, server_round, time.time() - started
+        )
         metrics: dict[str, Any] = {
             **privacy_metrics,
             records.METRIC_SITE: self.name,

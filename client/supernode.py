@@ -4,16 +4,25 @@ The node config carries the site's data spec and name; it stays on the site
 (it reaches only this site's ClientApp processes). Each SuperNode also opens a
 local port for its ClientApps; fedge picks a free one so that several sites can
 run on one host.
+
+The SuperNode runs in a small fedge process (``python -m fedge.client.supernode``)
+that shortens Flower's hard-coded idle poll and starts the warm executor as its
+own child, so that the executor dies with it (``fedge.client.warm_executor``).
 """
 
+import argparse
+import logging
+import os
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedge.shared import records
 from fedge.shared.config import toml_value
-from fedge.shared.processes import ProcessGroup, child_environment, flower_tool, free_port, spawn
+from fedge.shared.processes import ProcessGroup, child_environment, free_port, spawn
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,9 @@ class SuperNodeSpec:
     # True: fedge's forking SuperExec (``fedge.client.warm_executor``) starts the ClientApps;
     # False: Flower's default, a fresh ``flwr-clientapp`` process per message.
     warm: bool = True
+    # Longest wait of the SuperNode between asks for work (Flower hard-codes 3 s): each stage
+    # of a round waits for it. Shorter means more requests from an idle site to the SuperLink.
+    idle_poll: float = 1.0
 
     @property
     def log_path(self) -> Path:
@@ -51,9 +63,26 @@ def node_config(spec: SuperNodeSpec) -> str:
 
 
 def supernode_command(spec: SuperNodeSpec, port: int) -> list[str]:
-    """The ``flower-supernode`` command line for ``spec``; ``port`` is its local Runtime API."""
+    """The command line for ``spec``'s SuperNode; ``port`` is its local Runtime API.
+
+    It runs ``flower-supernode`` inside ``fedge.client.supernode`` (see ``main``).
+    """
+    fedge_args = ["--idle-poll", str(spec.idle_poll)]
+    if spec.warm:
+        fedge_args += ["--warm-executor", f"127.0.0.1:{port}"]
+    return [
+        sys.executable,
+        "-m",
+        "fedge.client.supernode",
+        *fedge_args,
+        "--",
+        *_flower_args(spec, port),
+    ]
+
+
+def _flower_args(spec: SuperNodeSpec, port: int) -> list[str]:
+    """``flower-supernode``'s own arguments."""
     command = [
-        flower_tool("flower-supernode"),
         "--superlink",
         spec.superlink,
         "--node-config",
@@ -79,33 +108,84 @@ def start_supernode(
 ) -> subprocess.Popen[bytes]:
     """Start the SuperNode (and its warm executor) in the background.
 
-    Output goes to ``spec.log_path``. The executor watches the SuperNode's pid
-    and exits with it, so stopping the returned process stops the site.
+    Output goes to ``spec.log_path``. The executor is the SuperNode's child and
+    dies with it, so stopping (or killing) the returned process stops the site.
     """
     port = spec.local_port or free_port()
-    # The SuperExec polls the SuperNode's local Runtime API for tasks (default every 1 s);
-    # on loopback a shorter interval costs nothing and takes a second off each message.
-    env = child_environment({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"})
-    node = _start(
-        group, f"supernode {spec.site}", supernode_command(spec, port), spec.log_path, env
-    )
-    if spec.warm:
-        executor = [
+    command = supernode_command(spec, port)
+    name = f"supernode {spec.site}"
+    if group is not None:
+        return group.start(name, command, spec.log_path, child_environment())
+    return spawn(command, spec.log_path, child_environment())
+
+
+def _start_executor(runtime_api_address: str) -> subprocess.Popen[bytes]:
+    """Start the warm executor as this (the SuperNode's) process's child, same log, same group."""
+    return subprocess.Popen(
+        [
             sys.executable,
             "-m",
             "fedge.client.warm_executor",
             "--runtime-api-address",
-            f"127.0.0.1:{port}",
+            runtime_api_address,
             "--parent-pid",
-            str(node.pid),
-        ]
-        _start(group, f"executor {spec.site}", executor, spec.log_path, env)
-    return node
+            str(os.getpid()),
+        ],
+        stdin=subprocess.DEVNULL,
+    )
 
 
-def _start(
-    group: ProcessGroup | None, name: str, command: list[str], log_path: Path, env: dict[str, str]
-) -> subprocess.Popen[bytes]:
-    if group is not None:
-        return group.start(name, command, log_path, env)
-    return spawn(command, log_path, env)
+def _stop_when_executor_dies(executor: subprocess.Popen[bytes]) -> None:
+    """Reap the executor; if it dies, stop this SuperNode too, rather than serve no tasks."""
+
+    def wait() -> None:
+        code = executor.wait()
+        logging.getLogger(__name__).error(
+            "fedge: the warm executor exited (code %s): stopping the SuperNode", code
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait, daemon=True, name="fedge-executor-reaper").start()
+
+
+_MESSAGE_WORDS = (("Receiving:", "message in:"), ("Sending:", "message out:"))
+
+
+class _MessageTimes(logging.Handler):
+    """Notes when Flower's SuperNode receives and sends a message, with a Unix time.
+
+    Worded unlike Flower's own "Receiving:"/"Sending:" lines, which tests count.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        for flower, ours in _MESSAGE_WORDS:
+            if text.startswith(flower):
+                rest = text[len(flower) :].strip()
+                sys.stderr.write(f"{record.created:.3f} fedge: supernode {ours} {rest}\n")
+
+
+def _timestamp_message_lines() -> None:
+    """Log when each message comes in and goes out (for the round breakdown)."""
+    logging.getLogger("flwr").addHandler(_MessageTimes())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fedge.client.supernode [--idle-poll S] [--warm-executor ADDR] -- FLOWER...``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--idle-poll", type=float, default=1.0)
+    parser.add_argument("--warm-executor", metavar="RUNTIME_API_ADDRESS", default="")
+    parser.add_argument("flower_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+    from fedge.shared.ml.flower_compat import run_supernode, shorten_supernode_polls
+
+    shorten_supernode_polls(args.idle_poll)
+    _timestamp_message_lines()
+    if args.warm_executor:
+        _stop_when_executor_dies(_start_executor(args.warm_executor))
+    run_supernode(flower_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -28,6 +28,7 @@ class LocalFederation:
     group: ProcessGroup
     secure: bool = True
     warm: bool = True
+    idle_poll: float = 0.2  # on loopback a SuperNode may ask for work often (Flower: 3 s)
     site_names: list[str] = field(default_factory=list)
     address: str = ""
     tls: TLSFiles | None = None
@@ -61,6 +62,7 @@ class LocalFederation:
             root_certificates=ca,
             private_key=key,
             warm=self.warm,
+            idle_poll=self.idle_poll,
         )
         self.supernodes[name] = start_supernode(spec, self.group)
         return self.supernodes[name]

@@ -36,34 +36,75 @@ def weighted_average(results: list[tuple[int, Metrics]]) -> Metrics:
     return out
 
 
-class PromptGrid:
+class PromptGrid(Grid):
     """Flower's Grid, waiting for replies with a short poll instead of every 3 s.
 
     Flower's ``send_and_receive`` sleeps 3 s between pulls; a round takes one call
     per stage (SecAgg+: four), so most of a small model's round was spent asleep.
-    This uses the Grid's public ``push_messages``/``pull_messages``; everything
-    else is delegated unchanged.
+    This uses the Grid's public ``push_messages``/``pull_messages``; every other
+    method of the public ``flwr.server.Grid`` is delegated unchanged.
+    ``fedge.shared.ml.flower_compat.check_grid_subclass`` fails loudly if Flower's
+    Grid grows a method this lacks or its workflows stop calling ``send_and_receive``.
+    Each exchange is reported as an ``exchange`` event (the round's stage timings).
     """
 
     def __init__(self, grid: Grid, interval: float = 0.2) -> None:
+        from fedge.shared.ml.flower_compat import check_grid_subclass
+
+        check_grid_subclass(type(self))
         self._grid = grid
         self._interval = interval
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def get_nodes(self) -> Any:
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
+        messages = list(messages)
+        started = time.time()
         pending = set(self._grid.push_messages(messages))
+        pushed = time.time()
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
+        arrivals: dict[str, float] = {}
         while pending and (deadline is None or time.monotonic() < deadline):
             received = list(self._grid.pull_messages(pending))
             replies += received
+            for reply in received:
+                arrivals[str(reply.metadata.src_node_id)] = time.time()
             pending -= {m.metadata.reply_to_message_id for m in received}
             if pending:
                 time.sleep(self._interval)
+        kinds = sorted({m.metadata.message_type for m in messages})
+        events.emit(
+            "exchange",
+            poll="prompt",
+            interval=self._interval,
+            type="+".join(kinds),
+            started=started,
+            pushed=pushed,
+            replies=arrivals,
+        )
         return replies
 
 
@@ -99,7 +140,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
                 quantization_range=cfg.privacy.secagg_quantization_range,
                 timeout=cfg.privacy.secagg_timeout,
             )
-        DefaultWorkflow(fit_workflow=fit_workflow)(PromptGrid(grid), legacy)  # type: ignore[arg-type]
+        DefaultWorkflow(fit_workflow=fit_workflow)(PromptGrid(grid), legacy)
     return run.finish()
 
 
