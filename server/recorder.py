@@ -150,9 +150,16 @@ class RecordingStrategy(Strategy):
         if not self.run.round_open:
             return None  # the round was skipped (budget stop): nothing new to evaluate
         if not self.run.round_committed:
-            # The fit workflow ended without aggregate_fit (SecAgg+ halts a round that
-            # falls below its reconstruction threshold): the model stays as it was.
-            self.run.commit_round([], ["the round ended before aggregation"], None, False)
+            # The fit workflow ended without aggregate_fit: Flower cancels a round in
+            # which no site could be sampled, and SecAgg+ halts one that falls below
+            # its reconstruction threshold. The model stays; the round is still recorded.
+            assert self.run.pending is not None
+            reason = (
+                "no site could be sampled (fewer available than min-clients)"
+                if self.run.pending.sampled == 0
+                else "the round ended before aggregation (secure aggregation halted)"
+            )
+            self.run.commit_round([], [reason], None, aggregated=False)
         result = self.inner.evaluate(server_round, parameters)
         self.run.record_server_eval(_as_metrics(result))
         return result

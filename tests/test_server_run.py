@@ -426,14 +426,25 @@ def test_as_model_dtypes_casts_float64_back(tmp_path: Path) -> None:
 
 
 def test_a_round_without_aggregate_fit_still_closes_with_a_checkpoint(tmp_path: Path) -> None:
-    """SecAgg+ halts a round below its threshold without calling aggregate_fit."""
+    """Rounds Flower ends without aggregate_fit are still checkpointed and recorded.
+
+    SecAgg+ halts a round below its threshold; Flower cancels one that sampled no site.
+    """
     run = ServerRun(_cfg(tmp_path / "run", server_eval=False))
     strategy = RecordingStrategy(FedAvg(), run)
     assert run.open_round(1, 3, 3)
     params = ndarrays_to_parameters(run.global_arrays())
     assert strategy.evaluate(1, params) is None
     run.close_round()
-    (row,) = read_jsonl(tmp_path / "run" / METRICS_FILE)
-    assert row["aggregated"] is False and row["failures"]
-    assert load_checkpoint(round_path(tmp_path / "run", 1)).round == 1
+    assert run.open_round(2, 0, 1)  # Flower cancels a round in which no site was sampled
+    assert strategy.evaluate(2, params) is None
+    run.close_round()
+    rows = read_jsonl(tmp_path / "run" / METRICS_FILE)
+    assert [(r["round"], r["aggregated"], r["clients"]) for r in rows] == [
+        (1, False, []),
+        (2, False, []),
+    ]
+    assert "secure aggregation halted" in rows[0]["failures"][0]
+    assert "no site could be sampled" in rows[1]["failures"][0]
+    assert load_checkpoint(round_path(tmp_path / "run", 2)).round == 2
 
