@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from fedge.server.coordinator import STATE_FILE
-from fedge.shared.processes import _descendants, free_port, is_running, port_open
+from fedge.shared.processes import (
+    _descendants,
+    free_port,
+    is_running,
+    port_open,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -48,9 +54,11 @@ def test_operator_and_site_flow(tmp_path: Path) -> None:
             cwd=tmp_path,
         )
         assert "fedge client enroll" in started.stdout
-        assert port_open("127.0.0.1", port) and port_open("127.0.0.1", registry_port)
+        assert port_open("127.0.0.1", port)
+        # `server start` waits for the SuperLink only; the registry API comes up after it.
+        wait_until(lambda: port_open("127.0.0.1", registry_port), 120, "the registry API")
         state = json.loads((data_dir / STATE_FILE).read_text())
-        pids = [state["pid"], state["registry_pid"]]
+        pids = {"superlink": state["pid"], "registry": state["registry_pid"]}
         for name, data in sites.items():
             fedge("client", "enroll", "--server", server, "--name", name, cwd=tmp_path)
             request = Path(os.environ["FEDGE_HOME"]) / "sites" / name / f"{name}.enroll.json"
@@ -68,7 +76,7 @@ def test_operator_and_site_flow(tmp_path: Path) -> None:
             )
             fedge("client", "start", "--name", name, "--data", data, cwd=tmp_path)
             pid_file = Path(os.environ["FEDGE_HOME"]) / "sites" / name / "supernode.pid"
-            pids.append(int(pid_file.read_text()))
+            pids[name] = int(pid_file.read_text())
         config = tmp_path / "run.toml"
         config.write_text("num-rounds = 1\nmin-clients = 2\nfederated-eval = false\n")
         run = fedge(
@@ -92,10 +100,12 @@ def test_operator_and_site_flow(tmp_path: Path) -> None:
         fedge("server", "revoke", "site-b", "--data-dir", str(data_dir), cwd=tmp_path)
         listed = fedge("server", "clients", "--data-dir", str(data_dir), cwd=tmp_path).stdout
         assert "revoked" in listed
+        # The SuperLink forgets a revoked node; its SuperNode ends, the others stay.
+        wait_until(lambda: not is_running(pids["site-b"]), 120, "site-b's SuperNode to end")
 
         # Stop everything, checked: each command says so, the ports close, no process stays.
-        family = pids + [child for pid in pids for child in _descendants(pid)]
-        assert all(is_running(pid) for pid in pids)
+        family = [*pids.values()] + [c for pid in pids.values() for c in _descendants(pid)]
+        assert [n for n, pid in pids.items() if not is_running(pid)] == ["site-b"]
         for name in sites:
             stopped = fedge("client", "stop", "--name", name, cwd=tmp_path)
             assert f"stopped site {name}" in stopped.stdout
