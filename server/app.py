@@ -14,7 +14,8 @@ from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from fedge.server import events
-from fedge.server.recorder import RecordingStrategy
+from fedge.server.events import Event
+from fedge.server.recorder import RecordingStrategy, as_flower_result, closing_evaluate
 from fedge.server.run_state import ServerRun
 from fedge.server.strategies import build_strategy
 from fedge.shared import records
@@ -114,8 +115,8 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     run = ServerRun(cfg)
     if run.remaining_rounds > 0:
 
-        def evaluate_fn(server_round: int, arrays: Any, _config: dict[str, Any]) -> Any:
-            return run.evaluate(server_round, arrays)
+        def evaluate_fn(_round: int, arrays: Any, _config: dict[str, Any]) -> Any:
+            return as_flower_result(run.evaluate(arrays))
 
         strategy = build_strategy(
             cfg,
@@ -140,7 +141,10 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
                 quantization_range=cfg.privacy.secagg_quantization_range,
                 timeout=cfg.privacy.secagg_timeout,
             )
-        DefaultWorkflow(fit_workflow=fit_workflow)(PromptGrid(grid), legacy)
+        workflow = DefaultWorkflow(fit_workflow=fit_workflow)
+        # The evaluate workflow is the last thing DefaultWorkflow runs in a round: close there.
+        workflow.evaluate_workflow = closing_evaluate(workflow.evaluate_workflow, run)
+        workflow(PromptGrid(grid), legacy)
     return run.finish()
 
 
@@ -151,5 +155,5 @@ def main(grid: Grid, context: Context) -> None:
     except FedgeError as e:
         # The user's mistake (a missing weights file, a run dir in use, ...): tell
         # `fedge run` in one line rather than leaving it a traceback in the run log.
-        events.emit("error", message=str(e), hint=e.hint)
+        events.emit(Event.ERROR, message=str(e), hint=e.hint)
         raise

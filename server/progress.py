@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedge.server.events import Event
+
 
 def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):.1f}%"
@@ -50,25 +52,25 @@ class RunProgress:
 
     def on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
-        if kind == "initial":
+        if kind == Event.INITIAL:
             self.console.print(f"initial global model: accuracy {_pct(event.get('accuracy'))}")
-        elif kind == "resume":
+        elif kind == Event.RESUME:
             self.progress.update(self.task, completed=int(event.get("round", 0)))
             self.console.print(f"resuming after round {event.get('round')}")
-        elif kind == "round":
+        elif kind == Event.ROUND:
             self.rows.append(event)
             self.progress.update(self.task, completed=int(event["round"]))
             self.console.print(self._row_text(event))
-        elif kind == "site-failed":
+        elif kind == Event.SITE_FAILED:
             self.console.print(
                 f"[yellow]round {event.get('round')}: a site failed: {event.get('reason')}"
             )
-        elif kind == "not-aggregated":
+        elif kind == Event.NOT_AGGREGATED:
             self.console.print(
                 f"[yellow]round {event.get('round')}: the global model was not updated "
                 "(Flower's DP wrapper drops a round in which a site failed)"
             )
-        elif kind == "budget-stop":
+        elif kind == Event.BUDGET_STOP:
             self.console.print(
                 f"[yellow]privacy budget: stopping before round {event.get('round')} "
                 f"(epsilon would reach {float(event.get('epsilon_next', 0)):.2f}, "

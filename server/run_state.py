@@ -1,15 +1,24 @@
 """One federated run on the server: run directory, global model, checkpoints, metrics.
 
-``ServerRun`` owns everything the ServerApp writes. It is independent of the
-Flower workflow that drives it (plain or SecAgg+), which only calls
-``initial_parameters``, ``fit_config``, ``evaluate`` and the recording hooks.
+``ServerRun`` owns everything the ServerApp writes. Each round is one sequence
+of steps, each called once and in this order (the ``RecordingStrategy`` maps
+Flower's hooks onto them; see docs/round-loop.md):
+
+``open_round`` -> ``commit_round`` (aggregate -> checkpoint) -> ``evaluate`` (pure)
+-> ``record_server_eval`` / ``record_federated_eval`` -> ``close_round`` (metrics line).
+
+A step called out of order raises, so a change in the driver's order cannot
+go unnoticed. On resume, a checkpointed round without its metrics line (a crash
+between the two writes) is recorded before anything else.
 """
 
+import copy
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +26,11 @@ import numpy as np
 import torch
 
 from fedge.server import events
+from fedge.server.events import Event
 from fedge.server.privacy import privacy_record, site_level_epsilon
 from fedge.server.superlink import ENV_AUTH, ENV_TLS
 from fedge.shared import records
-from fedge.shared.atomic import append_jsonl, atomic_write_json, read_jsonl
+from fedge.shared.atomic import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from fedge.shared.config import RunConfig
 from fedge.shared.errors import RunError
 from fedge.shared.ml.checkpoint import (
@@ -40,6 +50,17 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 RUN_CONFIG_FILE = "run_config.json"
+# The last committed round's record, written just before its checkpoint.
+ROUND_RECORD_FILE = "round_record.json"
+
+
+class _Step(IntEnum):
+    """Where the current round is in the loop."""
+
+    CLOSED = 0
+    OPEN = 1
+    COMMITTED = 2
+    EVALUATED = 3
 
 
 @dataclass
@@ -56,9 +77,10 @@ class RoundRecord:
     available: int = 0
     seconds: float = 0.0
     aggregated: bool = True
+    recovered: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        row = {
             "round": self.round,
             "clients": self.clients,
             "failures": self.failures,
@@ -72,6 +94,26 @@ class RoundRecord:
             "aggregated": self.aggregated,
             "seconds": round(self.seconds, 3),
         }
+        if self.recovered:
+            # Written on resume after a crash: the sites' own evaluation was lost.
+            row["recovered"] = True
+        return row
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> "RoundRecord":
+        """The record written by ``to_json`` (totals are recomputed from the clients)."""
+        return cls(
+            round=int(row["round"]),
+            clients=list(row.get("clients", [])),
+            failures=[str(f) for f in row.get("failures", [])],
+            server=dict(row.get("server_eval", {})),
+            federated=dict(row.get("federated_eval", {})),
+            epsilon=row.get("epsilon"),
+            sampled=int(row.get("sampled", 0)),
+            available=int(row.get("available", 0)),
+            seconds=float(row.get("seconds", 0.0)),
+            aggregated=bool(row.get("aggregated", True)),
+        )
 
 
 class ServerRun:
@@ -88,6 +130,8 @@ class ServerRun:
         self.initial_accuracy: float | None = None
         self.stopped_reason = ""
         self.pending: RoundRecord | None = None
+        self._step = _Step.CLOSED
+        self._scratch: torch.nn.Module | None = None
         self.round_started = time.monotonic()
         self.epsilon: float | None = None
         self.epsilon_next_by_site: dict[str, float] = {}
@@ -120,8 +164,50 @@ class ServerRun:
             self.epsilon_next_by_site = dict(ckpt.metrics.get("epsilon_next_by_site", {}))
             summary = self._read_summary()
             self.initial_accuracy = summary.get("initial_accuracy")
-            events.emit("resume", round=self.start_round, checkpoint=str(latest))
+            events.emit(Event.RESUME, round=self.start_round, checkpoint=str(latest))
+            self._recover(ckpt.round)
         atomic_write_json(self.run_dir / RUN_CONFIG_FILE, self.cfg.to_flower())
+
+    def _recover(self, checkpointed: int) -> None:
+        """Make metrics.jsonl hold exactly one line per round up to the last checkpoint.
+
+        A crash between a round's checkpoint and its metrics line (SIGKILL while it
+        was evaluated) leaves that round unrecorded; a crash inside a write leaves a
+        truncated last line. Rewrite the file with its valid lines (the first per
+        round, none past the checkpoint), then record the missing round: its record
+        from ``ROUND_RECORD_FILE``, its server-side evaluation recomputed from the
+        checkpoint (the model now loaded; evaluation is deterministic).
+        """
+        path = self.run_dir / METRICS_FILE
+        rows: dict[int, dict[str, Any]] = {}
+        for row in read_jsonl(path):
+            if isinstance(row.get("round"), int) and row["round"] <= checkpointed:
+                rows.setdefault(row["round"], row)
+        if path.exists():
+            text = "".join(json.dumps(rows[r], sort_keys=True) + "\n" for r in sorted(rows))
+            atomic_write_text(path, text)
+        if checkpointed in rows:
+            return
+        saved = self._read_json(self.run_dir / ROUND_RECORD_FILE)
+        if saved.get("round") == checkpointed:
+            record = RoundRecord.from_json(saved)
+        else:
+            record = RoundRecord(checkpointed)
+        record.federated = {}
+        record.recovered = True
+        metrics = self._evaluate_model()
+        if metrics is not None:
+            record.server = {"loss": metrics.loss, "accuracy": metrics.accuracy}
+        log.warning("round %d was checkpointed but not recorded: recorded it now", checkpointed)
+        self._record(record)
+
+    @staticmethod
+    def _read_json(path: Path) -> dict[str, Any]:
+        try:
+            loaded = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
 
     def _read_summary(self) -> dict[str, Any]:
         path = self.run_dir / SUMMARY_FILE
@@ -170,18 +256,26 @@ class ServerRun:
     def fit_config(self, server_round: int) -> dict[str, Any]:
         return {records.CFG_SERVER_ROUND: self.absolute_round(server_round)}
 
-    # --- per-round hooks ------------------------------------------------------------------
+    # --- the round loop: one method per step, in this order (docs/round-loop.md) ---------
 
-    def begin_round(self, server_round: int, sampled: int, available: int) -> None:
+    def open_round(self, server_round: int, sampled: int, available: int) -> bool:
+        """Step 0: check the privacy budget, then open the round's record.
+
+        Returns False (and opens nothing) when the budget stops the run.
+        """
+        if not self.budget_allows(server_round, sampled, available):
+            return False
         self.round_started = time.monotonic()
         self.pending = RoundRecord(
             self.absolute_round(server_round), sampled=sampled, available=available
         )
+        self._step = _Step.OPEN
         self.max_sampled = max(self.max_sampled, sampled)
         self.max_available = max(self.max_available, available)
         events.emit(
-            "round-start", round=self.pending.round, total=self.cfg.num_rounds, sampled=sampled
+            Event.ROUND_START, round=self.pending.round, total=self.cfg.num_rounds, sampled=sampled
         )
+        return True
 
     def budget_allows(self, server_round: int, sampled: int, available: int) -> bool:
         """False (and say why) if the next round would take epsilon past the budget."""
@@ -201,77 +295,129 @@ class ServerRun:
                 f"stopped before round {absolute}: it would take epsilon to {next_eps:.2f}, "
                 f"past the budget of {budget:g}"
             )
-            events.emit("budget-stop", round=absolute, epsilon_next=next_eps, budget=budget)
+            events.emit(Event.BUDGET_STOP, round=absolute, epsilon_next=next_eps, budget=budget)
             log.warning(self.stopped_reason)
             return False
         return True
 
-    def record_fit(self, client_metrics: list[dict[str, Any]], failures: list[str]) -> None:
+    def commit_round(
+        self,
+        clients: list[dict[str, Any]],
+        failures: list[str],
+        arrays: list[np.ndarray] | None,
+        aggregated: bool = True,
+    ) -> None:
+        """Step 1, aggregate -> checkpoint: take the new global model and write it to disk.
+
+        ``arrays`` is the aggregate (None keeps the previous global model); ``aggregated``
+        False says the strategy had results but declined to aggregate them.
+        """
+        record = self._require(_Step.OPEN, "commit")
+        record.clients = clients
+        record.failures = failures
+        for reason in failures:
+            events.emit(Event.SITE_FAILED, round=record.round, reason=reason)
+        self._account_privacy(record)
+        if arrays is not None:
+            self.load_arrays(arrays)
+        if not aggregated:
+            record.aggregated = False
+            log.warning("round %d: the global model was not updated", record.round)
+            events.emit(Event.NOT_AGGREGATED, round=record.round)
+        record.seconds = time.monotonic() - self.round_started
+        # The record goes to disk before the checkpoint: a crash after the checkpoint
+        # leaves what resume needs to write this round's metrics line (see _recover).
+        atomic_write_json(self.run_dir / ROUND_RECORD_FILE, record.to_json())
+        self._checkpoint(record.round)
+        self._step = _Step.COMMITTED
+
+    def evaluate(self, arrays: list[np.ndarray]) -> Metrics | None:
+        """Step 2: server-side loss and accuracy of ``arrays``; no side effects.
+
+        Evaluates a scratch copy of the model, so the global model and the run's
+        record stay as they are. None when the run has no server-side eval set.
+        """
+        if self._eval_loader is None:
+            return None
+        if self._scratch is None:
+            self._scratch = copy.deepcopy(self.model)
+        state = {k: torch.from_numpy(np.asarray(a)) for k, a in zip(self.keys, arrays, strict=True)}
+        self._scratch.load_state_dict(state, strict=False)
+        return evaluate(self._scratch, self._eval_loader, self.device)
+
+    def record_initial(self, metrics: Metrics | None) -> None:
+        """The starting model's server-side result (only for a fresh run, not a resume)."""
+        if self.start_round == 0 and metrics is not None:
+            self.initial_accuracy = metrics.accuracy
+            events.emit(Event.INITIAL, accuracy=metrics.accuracy, loss=metrics.loss)
+
+    def record_server_eval(self, metrics: Metrics | None) -> None:
+        """Step 3a: note the server-side evaluation of the committed model."""
+        record = self._require(_Step.COMMITTED, "record the server evaluation of")
+        if metrics is not None:
+            record.server = {"loss": metrics.loss, "accuracy": metrics.accuracy}
+        self._step = _Step.EVALUATED
+
+    def record_federated_eval(self, loss: float | None, accuracy: float | None) -> None:
+        """Step 3b: note the sites' evaluation of the committed model."""
+        record = self._require(_Step.EVALUATED, "record the sites' evaluation of")
+        if loss is not None:
+            record.federated = {"loss": loss, "accuracy": accuracy or 0.0}
+
+    def close_round(self) -> None:
+        """Step 4: write the round's metrics line; the one place a round is recorded.
+
+        A no-op when no round is open (the budget stopped the run).
+        """
         if self.pending is None:
             return
-        self.pending.clients = client_metrics
-        self.pending.failures = failures
-        for reason in failures:
-            events.emit("site-failed", round=self.pending.round, reason=reason)
+        record = self._require(_Step.EVALUATED, "close")
+        record.seconds = time.monotonic() - self.round_started
+        self._record(record)
+        self.pending = None
+        self._step = _Step.CLOSED
+
+    @property
+    def round_open(self) -> bool:
+        return self.pending is not None
+
+    @property
+    def round_committed(self) -> bool:
+        return self.pending is not None and self._step >= _Step.COMMITTED
+
+    def _require(self, step: "_Step", action: str) -> RoundRecord:
+        """The open round, if the loop is at ``step``; otherwise the order was broken."""
+        if self.pending is None or self._step != step:
+            where = "no open round" if self.pending is None else f"at step {self._step.name}"
+            raise RuntimeError(f"round loop out of order: cannot {action} a round ({where})")
+        return self.pending
+
+    def _account_privacy(self, record: RoundRecord) -> None:
+        """Epsilon after this round: the sites' own (record level) or the server's (site level)."""
         if self.cfg.privacy.dp == "record":
             eps = [
                 float(c[records.METRIC_EPSILON])
-                for c in client_metrics
+                for c in record.clients
                 if records.METRIC_EPSILON in c
             ]
             if eps:
                 self.epsilon = max(eps + ([self.epsilon] if self.epsilon else []))
-            for c in client_metrics:
+            for c in record.clients:
                 if records.METRIC_EPSILON_NEXT in c:
                     self.epsilon_next_by_site[str(c.get(records.METRIC_SITE))] = float(
                         c[records.METRIC_EPSILON_NEXT]
                     )
         elif self.cfg.privacy.dp == "site":
-            q = self.pending.sampled / max(self.pending.available, 1)
+            q = record.sampled / max(record.available, 1)
             self.epsilon = site_level_epsilon(
-                self.cfg.privacy.noise_multiplier, q, self.pending.round, self.cfg.privacy.delta
+                self.cfg.privacy.noise_multiplier, q, record.round, self.cfg.privacy.delta
             )
-        self.pending.epsilon = self.epsilon
+        record.epsilon = self.epsilon
 
-    def record_not_aggregated(self) -> None:
-        """The strategy kept the previous global model this round."""
-        if self.pending is not None:
-            self.pending.aggregated = False
-            log.warning("round %d: the global model was not updated", self.pending.round)
-            events.emit("not-aggregated", round=self.pending.round)
-
-    def evaluate(
-        self, server_round: int, arrays: list[np.ndarray]
-    ) -> tuple[float, dict[str, Any]] | None:
-        """Server-side evaluation of the global model; checkpoints every finished round."""
-        self.load_arrays(arrays)
-        metrics = self._evaluate_model()
-        if server_round == 0:
-            if self.start_round == 0 and metrics is not None:
-                self.initial_accuracy = metrics.accuracy
-                events.emit("initial", accuracy=metrics.accuracy, loss=metrics.loss)
-            return None if metrics is None else (metrics.loss, {"accuracy": metrics.accuracy})
-        if self.pending is not None:
-            if metrics is not None:
-                self.pending.server = {"loss": metrics.loss, "accuracy": metrics.accuracy}
-            self._checkpoint(self.pending.round, self.pending.server)
-            if not self.cfg.federated_eval:
-                self.finish_round()
-        return None if metrics is None else (metrics.loss, {"accuracy": metrics.accuracy})
-
-    def record_federated_eval(self, loss: float | None, accuracy: float | None) -> None:
-        if self.pending is not None and loss is not None:
-            self.pending.federated = {"loss": loss, "accuracy": accuracy or 0.0}
-        self.finish_round()
-
-    def finish_round(self) -> None:
-        if self.pending is None:
-            return
-        self.pending.seconds = time.monotonic() - self.round_started
-        row = self.pending.to_json()
+    def _record(self, record: RoundRecord) -> None:
+        row = record.to_json()
         append_jsonl(self.run_dir / METRICS_FILE, row)
-        events.emit("round", **row, total=self.cfg.num_rounds)
-        self.pending = None
+        events.emit(Event.ROUND, **row, total=self.cfg.num_rounds)
 
     def _evaluate_model(self) -> Metrics | None:
         if self._eval_loader is None:
@@ -285,7 +431,7 @@ class ServerRun:
             "epsilon_next_by_site": self.epsilon_next_by_site,
         }
 
-    def _checkpoint(self, absolute: int, server: dict[str, float]) -> None:
+    def _checkpoint(self, absolute: int) -> None:
         save_checkpoint(
             round_path(self.run_dir, absolute),
             self.model.state_dict(),
@@ -293,7 +439,7 @@ class ServerRun:
             self.cfg.model,
             self.task,
             self.cfg.to_flower(),
-            self._checkpoint_metrics(server),
+            self._checkpoint_metrics({}),
         )
         partial = {"initial_accuracy": self.initial_accuracy, "last_round": absolute}
         atomic_write_json(self.run_dir / "summary.partial.json", partial)
@@ -302,7 +448,10 @@ class ServerRun:
 
     def finish(self) -> dict[str, Any]:
         """Write the final model and summary.json; returns the summary."""
-        self.finish_round()
+        if self.pending is not None:
+            # Only an aborted workflow leaves a round open; it has no metrics line.
+            log.warning("round %d was not closed; it is not recorded", self.pending.round)
+            self.pending = None
         rows = read_jsonl(self.run_dir / METRICS_FILE)
         done = max((int(r["round"]) for r in rows), default=self.start_round)
         final = self._evaluate_model()
@@ -349,5 +498,5 @@ class ServerRun:
         }
         atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
         (self.run_dir / "summary.partial.json").unlink(missing_ok=True)
-        events.emit("done", summary=summary)
+        events.emit(Event.DONE, summary=summary)
         return summary

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedge.server import events
+from fedge.server.events import Event
 from fedge.server.flower_app_config import APP_DIR
 from fedge.shared.config import RunConfig, toml_value
 from fedge.shared.errors import ConnectionFailed, RunError
@@ -92,9 +93,9 @@ def submit_run(
                     event = events.parse(line)
                     if event is None:
                         continue
-                    if event.get("event") == "done":
+                    if event.get("event") == Event.DONE:
                         summary = dict(event.get("summary", {}))
-                    if event.get("event") == "error":
+                    if event.get("event") == Event.ERROR:
                         failure = event
                         break
                     if on_event is not None:

@@ -7,9 +7,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from federation_support import initial_weights, local_federation
 
+from fedge.client.warm_executor import MARKER_FORKED
 from fedge.demo.loopback import LocalFederation
+from fedge.server.events import Event
 from fedge.shared.atomic import read_jsonl
 from fedge.shared.config import PrivacyConfig, RunConfig
 from fedge.shared.ml.checkpoint import load_checkpoint
@@ -76,25 +79,39 @@ def test_secagg_with_site_dp_survives_a_site_killed_mid_round(
     log = work / "logs" / f"supernode-{name}.log"
     # Counted before the run starts: a SuperNode may receive round 1's first message before
     # the ServerApp's round-start event reaches this test.
-    start = _train_messages(log)
+    start = _tasks_started(log)
 
     def kill_during_local_training() -> None:
         # SecAgg+ stages per round: setup, share keys, then the one that trains. A site
         # killed after sharing its keys is the dropout SecAgg+ is built to survive.
         deadline = time.monotonic() + 600
-        while _train_messages(log) < start + 3 and time.monotonic() < deadline:
+        while _tasks_started(log) < start + 3 and time.monotonic() < deadline:
             time.sleep(0.2)
         stop_process(victim, timeout=1)
 
+    seen: list[dict[str, Any]] = []
     threading.Thread(target=kill_during_local_training, daemon=True).start()
-    summary = federation.submit(cfg)
+    summary = federation.submit(cfg, on_event=seen.append)
     assert victim.poll() is not None  # the site really was killed
+    failed = [e for e in seen if e["event"] == Event.SITE_FAILED]
+    assert failed and {e["round"] for e in failed} == {1}  # the survivors carry round 2
     assert summary["rounds"] == 2
     rows = read_jsonl(work / "dropout" / "metrics.jsonl")
     assert len(rows[0]["failures"]) >= 1  # the dropped site is reported
-    # SecAgg+ rebuilt the sum from the survivors, but Flower's DP wrapper drops a round
-    # with failures; fedge records that. Round 2 runs with the two survivors.
-    assert len(rows[0]["clients"]) == 2 and rows[0]["aggregated"] is False
+    if rows[0]["clients"]:
+        # Dropped after sharing its keys: SecAgg+ rebuilt the sum from the two survivors,
+        # but Flower's DP wrapper drops a round with failures; fedge records that.
+        assert len(rows[0]["clients"]) == 2
+    else:
+        # Dropped before its key shares reached the others: SecAgg+ halts the round.
+        assert "secure aggregation halted" in rows[0]["failures"][0]
+    assert rows[0]["aggregated"] is False
+    # Either way the global model of round 1 is the starting one, and round 2 runs with
+    # the two survivors.
+    start = load_checkpoint(work / "init.safetensors").state_dict
+    after_one = load_checkpoint(work / "dropout" / "checkpoints" / "round-0001.safetensors")
+    for key, value in after_one.state_dict.items():
+        assert torch.equal(value, start[key]), key
     assert len(rows[1]["clients"]) == 2 and rows[1]["aggregated"] is True
     assert rows[1]["server_eval"]["accuracy"] != rows[0]["server_eval"]["accuracy"]
     assert summary["failures"] >= 1
@@ -103,6 +120,6 @@ def test_secagg_with_site_dp_survives_a_site_killed_mid_round(
     assert summary["privacy"]["secagg"]["reconstruction_threshold"] == 2
 
 
-def _train_messages(log: Path) -> int:
-    """How many train messages the site's SuperNode has received so far."""
-    return log.read_text(errors="replace").count("Receiving: train message") if log.exists() else 0
+def _tasks_started(log: Path) -> int:
+    """How many ClientApp tasks (one per message) the site's warm executor has started."""
+    return log.read_text(errors="replace").count(MARKER_FORKED) if log.exists() else 0
