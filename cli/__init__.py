@@ -30,11 +30,13 @@ def _register() -> None:
     from fedge.cli.deploy import register as register_deploy_commands
     from fedge.cli.edge import app as edge_app
     from fedge.cli.export import export, keys_app
+    from fedge.cli.operators import register as register_operator_commands
     from fedge.cli.registry import fleet_app, registry_app
     from fedge.cli.report import report
     from fedge.cli.run import run
     from fedge.cli.server import app as server_app
 
+    register_operator_commands(server_app)
     app.add_typer(server_app, name="server")
     app.add_typer(client_app, name="client")
     app.command()(run)

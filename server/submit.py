@@ -36,13 +36,35 @@ def write_flower_home(home: Path, superlink: str, root_certificates: Path | None
     return home
 
 
+def store_control_token(home: Path, superlink: str, token: str) -> None:
+    """Make ``flwr`` send ``Authorization: Bearer <token>`` on every Control API call.
+
+    flwr's CLI sends the access token of its OIDC account-auth plugin as a bearer header
+    (``flwr.cli.cli_account_auth_interceptor``); fedge stores its own credential there,
+    in this FLWR_HOME's credential file, so plain ``flwr run`` passes the fedge front. The
+    refresh token is a placeholder: the front never asks for a refresh (no
+    ``WWW-Authenticate: Bearer``), so flwr never uses it.
+    """
+    from flwr.cli.auth_plugin.oidc_cli_plugin import OidcCliPlugin
+    from flwr.supercore.auth.typing import AccountAuthCredentials
+    from flwr.supercore.credential_store.file_credential_store import FileCredentialStore
+
+    plugin = OidcCliPlugin(superlink)
+    plugin.store = FileCredentialStore(home / "credentials.yaml")
+    plugin.store_tokens(AccountAuthCredentials(access_token=token, refresh_token="unused"))
+
+
 def submit_run(
     cfg: RunConfig,
     superlink: str,
     root_certificates: Path | None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    token: str | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` on the SuperLink at ``superlink`` and wait for it to finish.
+
+    ``token`` is a fedge control credential (``fedge server grant``), needed by a server
+    whose control API sits behind the fedge front.
 
     Returns
     -------
@@ -66,6 +88,8 @@ def submit_run(
     failure: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="fedge-flwr-") as tmp:
         home = write_flower_home(Path(tmp) / "flwr", superlink, root_certificates)
+        if token is not None:
+            store_control_token(home, superlink, token)
         overrides = Path(tmp) / "run-config.toml"
         overrides.write_text(
             "".join(f"{k} = {toml_value(v)}\n" for k, v in cfg.to_flower().items())
