@@ -202,3 +202,32 @@ def test_local_operator_commands_still_work(server: Server, tmp_path: Path) -> N
     listed = _fedge("server", "clients", "--data-dir", str(server.data_dir))
     assert "hospital-z" in listed.stdout, listed.stdout + listed.stderr
     assert os.path.exists(server.data_dir / "front.log")
+
+
+def test_admitted_scientist_runs_and_resumes_through_the_front(tmp_path: Path) -> None:
+    from federation_support import initial_weights, local_federation
+
+    init = initial_weights(tmp_path / "init.safetensors")
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'task = "digits"\nmodel = "cnn"\ninit-weights = "{init}"\nnum-rounds = 1\n'
+        "min-clients = 2\nfederated-eval = false\n"
+    )
+    with local_federation(tmp_path / "fed", ["digits#0/2", "digits#1/2"], secure=True) as fed:
+        assert fed.tls is not None and fed.control_address != fed.address
+        token_file = tmp_path / "alice.token"
+        token_file.write_text(grant(tmp_path / "fed" / "server", "alice").token + "\n")
+        run_dir = tmp_path / "alice-run"
+        common = ["--server", fed.address, "--ca", str(fed.tls.ca_cert), "--token-file",
+                  str(token_file)]  # fmt: skip
+        first = _fedge("run", "--config", str(config), "--out", str(run_dir), *common, timeout=600)
+        assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+        assert (run_dir / "checkpoints" / "round-0001.safetensors").exists()
+        again = _fedge("run", "--resume", str(run_dir), "--rounds", "2", *common, timeout=600)
+        assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+        assert (run_dir / "checkpoints" / "round-0002.safetensors").exists()
+        # Without the credential the same submission is refused at the front.
+        refused = _fedge("run", "--resume", str(run_dir), "--rounds", "3", "--server",
+                         fed.address, "--ca", str(fed.tls.ca_cert), timeout=300)  # fmt: skip
+        assert refused.returncode != 0
+        assert not (run_dir / "checkpoints" / "round-0003.safetensors").exists()
