@@ -137,7 +137,10 @@ class Site:
             records.METRIC_BYTES_UP: ndarrays_nbytes(out),
             records.METRIC_DEVICE: self.device.type,
         }
-        return out, len(self.data.y_train), metrics
+        # Site-level DP: every site weighs 1 in the mean (also inside SecAgg+, which weights
+        # by num_examples), the mechanism the server's noise z*C/m is calibrated for.
+        weight = 1 if self.cfg.privacy.dp == "site" else len(self.data.y_train)
+        return out, weight, metrics
 
     def _train_private(
         self, loader: Any, mu: float, server_round: int
@@ -163,6 +166,8 @@ class Site:
             mixed_precision=False,
         )
         return result, {
+            records.METRIC_DP_SAMPLE_RATE: per_round.sample_rate,
+            records.METRIC_DP_STEPS: per_round.steps,
             records.METRIC_EPSILON: epsilon,
             records.METRIC_EPSILON_NEXT: site_epsilon(privacy, per_round, server_round + 1),
         }

@@ -18,6 +18,8 @@ METRIC_BYTES_UP = "bytes-up"
 METRIC_EPSILON = "epsilon"  # record-level DP: this site's epsilon after this round
 METRIC_EPSILON_NEXT = "epsilon-next"  # ... and after one more round (for the budget)
 METRIC_DEVICE = "device"
+METRIC_DP_SAMPLE_RATE = "dp-sample-rate"  # record-level DP: Poisson rate of this site's DP-SGD
+METRIC_DP_STEPS = "dp-steps"  # ... and its DP-SGD steps in this round
 
 # Node config keys (set by `fedge client start`, stay on the site)
 NODE_DATA = "data"
