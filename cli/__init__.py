@@ -35,9 +35,11 @@ def _register() -> None:
     from fedge.cli.report import report
     from fedge.cli.run import run
     from fedge.cli.server import app as server_app
+    from fedge.cli.site_privacy import register as register_site_privacy_commands
 
     register_operator_commands(server_app)
     app.add_typer(server_app, name="server")
+    register_site_privacy_commands(client_app)
     app.add_typer(client_app, name="client")
     app.command()(run)
     app.command()(demo)

@@ -83,6 +83,14 @@ class Site:
         self.model = build_run_model(cfg, task_for_run(cfg))
         self.keys = exchanged_keys(self.model, cfg.mode)
         self.data = load_site_data(cfg, data_spec, label_column)
+        # The site's policy and ledger (``fedge.client.policy.SiteGuard``); None in unit tests.
+        self.guard: Any = None
+
+    def _admit(self, server_round: int, sample_rate: float, steps: int) -> dict[str, Any]:
+        """Record this round in the site's ledger before training, or refuse it."""
+        if self.guard is None:
+            return {}
+        return dict(self.guard.admit(self.cfg, server_round, sample_rate, steps))
 
     def set_parameters(self, parameters: list[np.ndarray]) -> None:
         """Load the global values of the exchanged entries into the local model."""
@@ -118,6 +126,7 @@ class Site:
         if self.cfg.privacy.dp == "record":
             result, privacy_metrics = self._train_private(loader, mu, server_round)
         else:
+            privacy_metrics = self._admit(server_round, 1.0, 1)
             result = train(
                 self.model,
                 loader,
@@ -152,6 +161,7 @@ class Site:
         per_round = dp_round(loader, self.cfg.local_epochs)
         epsilon = site_epsilon(privacy, per_round, server_round)
         check_budget(privacy, epsilon, self.name)
+        ledger_metrics = self._admit(server_round, per_round.sample_rate, per_round.steps)
         model, optimizer, private_loader = make_private(
             self.model, loader, self.cfg.lr, self.cfg.momentum, privacy
         )
@@ -166,6 +176,7 @@ class Site:
             mixed_precision=False,
         )
         return result, {
+            **ledger_metrics,
             records.METRIC_DP_SAMPLE_RATE: per_round.sample_rate,
             records.METRIC_DP_STEPS: per_round.steps,
             records.METRIC_EPSILON: epsilon,

@@ -32,6 +32,8 @@ class SuperNodeSpec:
     # True: fedge's forking SuperExec (``fedge.client.warm_executor``) starts the ClientApps;
     # False: Flower's default, a fresh ``flwr-clientapp`` process per message.
     warm: bool = True
+    policy: Path | None = None  # the site's privacy policy (TOML); None: accept any run
+    ledger: Path | None = None  # the site's privacy ledger; None: no lifetime accounting
 
     @property
     def log_path(self) -> Path:
@@ -47,6 +49,10 @@ def node_config(spec: SuperNodeSpec) -> str:
     }
     if spec.init_weights:
         values[records.NODE_INIT_WEIGHTS] = spec.init_weights
+    if spec.policy is not None:
+        values[records.NODE_POLICY] = str(Path(spec.policy).resolve())
+    if spec.ledger is not None:
+        values[records.NODE_LEDGER] = str(Path(spec.ledger).resolve())
     return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
 
 

@@ -79,6 +79,9 @@ class LocalFederation:
             root_certificates=ca,
             private_key=key,
             warm=self.warm,
+            # Each site's own policy and privacy ledger, in its folder (as `fedge client start`).
+            policy=self.work_dir / "sites" / name / "policy.toml",
+            ledger=self.work_dir / "sites" / name / "privacy-ledger.json",
         )
         self.supernodes[name] = start_supernode(spec, self.group)
         return self.supernodes[name]

@@ -26,6 +26,8 @@ NODE_DATA = "data"
 NODE_SITE = "site"
 NODE_LABEL_COLUMN = "label-column"
 NODE_INIT_WEIGHTS = "init-weights"  # optional site-local copy of the run's init weights
+NODE_POLICY = "policy"  # the site's privacy policy (TOML), enforced by the site
+NODE_LEDGER = "ledger"  # the site's privacy ledger (JSON), composed across all runs
 
 # Prefix of machine-readable progress lines the ServerApp prints for `fedge run`.
 EVENT_PREFIX = "FEDGE-EVENT "
