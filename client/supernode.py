@@ -6,6 +6,7 @@ local port for its ClientApps; fedge picks a free one so that several sites can
 run on one host.
 """
 
+import logging
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from pathlib import Path
 from fedge.shared import records
 from fedge.shared.config import toml_value
 from fedge.shared.processes import ProcessGroup, child_environment, flower_tool, free_port, spawn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,10 @@ def start_supernode(
     node = _start(
         group, f"supernode {spec.site}", supernode_command(spec, port), spec.log_path, env
     )
+    if not spec.warm:
+        # Flower's own flwr-clientapp processes do not check the run's app package
+        # (fedge.client.app_trust): only benchmarks comparing against Flower use this.
+        log.warning("site %s: Flower's default executor, the app package is NOT checked", spec.site)
     if spec.warm:
         executor = [
             sys.executable,

@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, default=None)
     args = parser.parse_args(argv)
     _preimport()
+    from fedge.client.app_trust import guard_clientapp_installs
+
+    guard_clientapp_installs()  # every task's FAB is checked before it is installed
     from flwr.supercore.superexec import run_superexec as superexec
 
     # Flower picks its executor through this factory; hand it the forking one.

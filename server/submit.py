@@ -60,6 +60,7 @@ def submit_run(
     root_certificates: Path | None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     token: str | None = None,
+    app_dir: Path = APP_DIR,
 ) -> dict[str, Any]:
     """Run ``cfg`` on the SuperLink at ``superlink`` and wait for it to finish.
 
@@ -97,7 +98,7 @@ def submit_run(
         command = [
             flower_tool("flwr"),
             "run",
-            str(APP_DIR),
+            str(app_dir),
             CONNECTION,
             "--run-config",
             str(overrides),
