@@ -25,6 +25,7 @@ app = typer.Typer(
 
 def _register() -> None:
     """Attach every command group; each module keeps its heavy imports inside commands."""
+    from fedge.cli.access import app as access_app
     from fedge.cli.client import app as client_app
     from fedge.cli.demo import demo
     from fedge.cli.deploy import register as register_deploy_commands
@@ -49,6 +50,7 @@ def _register() -> None:
     register_deploy_commands(edge_app)
     app.add_typer(edge_app, name="edge")
     app.add_typer(registry_app, name="registry")
+    app.add_typer(access_app, name="access")
     app.add_typer(fleet_app, name="fleet")
 
 

@@ -24,16 +24,29 @@ def grant(
     out: Annotated[
         Path | None, typer.Option(help="Write the token to this file (0600) instead of stdout.")
     ] = None,
+    request: Annotated[
+        Path | None, typer.Option(help="The scientist's NAME.access-request.json.")
+    ] = None,
+    fingerprint: Annotated[
+        str | None, typer.Option(help="Key fingerprint the requester read out to you.")
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Grant a control-API credential; the token is shown (or written) once, never stored.
 
-    Example: fedge server grant alice --role scientist --out alice.token
+    With --request (from `fedge access request`) the token is sealed to the requester's
+    key in NAME.access.json, which may travel by e-mail.
+
+    Example: fedge server grant alice --request alice.access-request.json --fingerprint SHA256:...
     """
     from fedge.server.operators import grant as grant_user
     from fedge.shared.atomic import atomic_write_text
 
-    given = grant_user(_data_dir(data_dir), name, role)
+    directory = _data_dir(data_dir)
+    if request is not None:
+        _grant_sealed(directory, name, role, request, fingerprint, out)
+        return
+    given = grant_user(directory, name, role)
     if out is not None:
         atomic_write_text(out, given.token + "\n", mode=0o600)
         typer.echo(f"granted {given.role} {given.name}; token written to {out} (mode 0600)")
@@ -42,6 +55,32 @@ def grant(
         typer.echo(given.token)
     typer.echo(f"token fingerprint {given.fingerprint}: read it out when you hand it over")
     typer.echo("use it with: fedge run --token-file FILE --server HOST:PORT --ca ca.crt")
+
+
+def _grant_sealed(
+    directory: Path, name: str, role: str, request: Path, fingerprint: str | None, out: Path | None
+) -> None:
+    """Check the request and its read-out fingerprint, grant, seal the token to its key."""
+    from fedge.server.operators import grant as grant_user
+    from fedge.shared.access_files import read_access_request, write_access_answer
+    from fedge.shared.enrollment_files import same_fingerprint
+    from fedge.shared.errors import ConfigError, SecurityError
+
+    asked = read_access_request(request)
+    if asked.name != name:
+        raise ConfigError(f"{request} asks access for {asked.name!r}, not {name!r}")
+    if fingerprint is None:
+        raise ConfigError("pass --fingerprint: the key fingerprint the requester read out")
+    if not same_fingerprint(fingerprint, asked.fingerprint):
+        raise SecurityError(f"{request}: key fingerprint {asked.fingerprint} is not {fingerprint}")
+    ca = directory / "tls" / "ca.crt"
+    if not ca.is_file():
+        raise ConfigError(f"no CA in {directory}; start the server with TLS first")
+    given = grant_user(directory, name, role)
+    answer = out or request.with_name(f"{name}.access.json")
+    ca_fingerprint = write_access_answer(asked, role, given.token, ca.read_bytes(), answer)
+    typer.echo(f"granted {role} {name}; send {answer} back (only {name}'s key opens the token)")
+    typer.echo(f"read out the CA fingerprint: {ca_fingerprint}")
 
 
 def revoke_user(

@@ -16,7 +16,7 @@ from typing import Any
 from fedge.server import events
 from fedge.server.flower_app_config import APP_DIR
 from fedge.shared.config import RunConfig, toml_value
-from fedge.shared.errors import ConnectionFailed, RunError
+from fedge.shared.errors import ConnectionFailed, RunError, SecurityError
 from fedge.shared.processes import child_environment, flower_tool, port_open, split_address
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ def submit_run(
     log_path = run_dir / RUN_LOG
     summary: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
+    refused = False
     with tempfile.TemporaryDirectory(prefix="fedge-flwr-") as tmp:
         home = write_flower_home(Path(tmp) / "flwr", superlink, root_certificates)
         if token is not None:
@@ -114,6 +115,8 @@ def submit_run(
                 for line in proc.stdout:
                     run_log.write(line)
                     run_log.flush()
+                    # flwr's words when the fedge front answers 401 (no valid credential).
+                    refused = refused or "Authentication failed" in line
                     event = events.parse(line)
                     if event is None:
                         continue
@@ -136,6 +139,12 @@ def submit_run(
     if failure is not None:
         raise RunError(
             f"the run failed on the server: {failure.get('message')}", failure.get("hint")
+        )
+    if summary is None and refused:
+        raise SecurityError(
+            f"the server at {superlink} refused to start the run: no valid control credential",
+            hint="ask the operator for one (`fedge server grant NAME`), then pass "
+            "--token-file FILE or set FEDGE_TOKEN",
         )
     if summary is None:
         raise RunError(f"the run ended without a summary; see {log_path}")

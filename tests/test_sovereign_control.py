@@ -229,5 +229,5 @@ def test_admitted_scientist_runs_and_resumes_through_the_front(tmp_path: Path) -
         # Without the credential the same submission is refused at the front.
         refused = _fedge("run", "--resume", str(run_dir), "--rounds", "3", "--server",
                          fed.address, "--ca", str(fed.tls.ca_cert), timeout=300)  # fmt: skip
-        assert refused.returncode != 0
+        assert refused.returncode == 6 and "no valid control credential" in refused.stderr
         assert not (run_dir / "checkpoints" / "round-0003.safetensors").exists()
