@@ -99,5 +99,5 @@ def guard_clientapp_installs() -> None:
             "check the apps it runs, so it refuses to start"
         )
     if not getattr(original, "fedge_checked", False):
-        runner.install_from_fab = checked(original)  # type: ignore[attr-defined]
+        runner.install_from_fab = checked(original)
     installed_fab_hash()  # once, before any fork
