@@ -41,9 +41,9 @@ def installed_fab_hash() -> str:
     """SHA-256 of the fedge Flower app as installed at this site, built as ``flwr run`` does."""
     from flwr.cli.build import build_fab_from_disk
 
-    from fedge.server.flower_app_config import APP_DIR
+    from fedge.shared.paths import flower_app_dir
 
-    return hashlib.sha256(build_fab_from_disk(APP_DIR)).hexdigest()
+    return hashlib.sha256(build_fab_from_disk(flower_app_dir())).hexdigest()
 
 
 def check_fab(content: bytes) -> str:

@@ -30,7 +30,7 @@ def _foreign_app(tmp_path: Path, marker: Path, component: str = "evil.client:app
     (app / "evil" / "__init__.py").write_text("")
     (app / "evil" / "client.py").write_text(
         f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
-        "from fedge.client.app import app\n"
+        "from fedge.client.app import app as fedge_app\n\napp = fedge_app\n"
     )
     return app
 
