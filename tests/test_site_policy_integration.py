@@ -14,7 +14,7 @@ from federation_support import initial_weights, local_federation
 
 from fedge.client.ledger import epsilon_of, load_ledger
 from fedge.client.policy import update_policy
-from fedge.demo.federation import LocalFederation
+from fedge.demo.loopback import LocalFederation
 from fedge.shared.atomic import read_jsonl
 from fedge.shared.config import PrivacyConfig, RunConfig
 from fedge.shared.errors import RunError
