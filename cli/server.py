@@ -92,7 +92,8 @@ def start(
     if foreground:
         from fedge.shared.processes import stay_attached
 
-        stay_attached(started.superlink, *([started.registry] if started.registry else []))
+        others = [p for p in (started.registry, started.front) if p is not None]
+        stay_attached(started.superlink, *others)
 
 
 @app.command()

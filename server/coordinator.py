@@ -56,6 +56,7 @@ class StartedServer:
     log_path: Path
     registry_url: str | None
     tls: bool
+    front: "subprocess.Popen[bytes] | None" = None  # the fedge front (TLS servers)
 
 
 def read_state(data_dir: Path) -> ServerState:
@@ -118,7 +119,7 @@ def start_server(
     from fedge.shared.tls import ensure_server_certificate
 
     tls = None if insecure else ensure_server_certificate(data_dir / "tls", list(sans or []))
-    front_pid = None
+    front_pid, front_proc = None, None
     if tls is None:
         spec = SuperLinkSpec(data_dir, host, port, tls)
         proc = start_superlink(spec)
@@ -132,7 +133,8 @@ def start_server(
         proc = start_superlink(spec)
         front = FrontSpec(data_dir, host, port, spec.port, tls.cert, tls.key, tls.ca_cert)
         try:
-            front_pid = start_front(front).pid
+            front_proc = start_front(front)
+            front_pid = front_proc.pid
         except BaseException:
             stop_superlink(data_dir)  # never leave a SuperLink without its front
             raise
@@ -160,7 +162,7 @@ def start_server(
     )
     atomic_write_json(data_dir / STATE_FILE, asdict(state))
     return StartedServer(
-        proc, registry, state, host, port, spec.log_path, registry_url, tls is not None
+        proc, registry, state, host, port, spec.log_path, registry_url, tls is not None, front_proc
     )
 
 
