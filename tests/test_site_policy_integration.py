@@ -69,7 +69,20 @@ def test_lifetime_budget_stops_a_site_in_its_second_run(
 ) -> None:
     # site-2 refused the no-DP run, so its ledger holds only what follows.
     ledger = _site(work, "site-2") / "privacy-ledger.json"
-    federation.submit(_config(work, "dp-1", 2, RECORD))
+    first = federation.submit(_config(work, "dp-1", 2, RECORD))
+    # The model card's record alone recomputes epsilon: each site's rate, steps and rounds.
+    from opacus.accountants import RDPAccountant
+
+    record = first["privacy"]["dp"]
+    recomputed = []
+    for row in record["per_site"].values():
+        accountant = RDPAccountant()
+        accountant.history = [
+            (record["noise_multiplier"], row["sample_rate"], row["steps_per_round"] * row["rounds"])
+        ]
+        recomputed.append(accountant.get_epsilon(record["delta"]))
+    assert sorted(record["per_site"]) == ["site-1", "site-2"]
+    assert record["epsilon"] == pytest.approx(max(recomputed), rel=1e-9)
     entries = load_ledger(ledger)
     assert [e.dp for e in entries] == ["record", "record"]
     # Budget: what exactly 3 record-level rounds cost, composed across runs.
