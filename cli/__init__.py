@@ -25,18 +25,23 @@ app = typer.Typer(
 
 def _register() -> None:
     """Attach every command group; each module keeps its heavy imports inside commands."""
+    from fedge.cli.access import app as access_app
     from fedge.cli.bundle import app as bundle_app
     from fedge.cli.client import app as client_app
     from fedge.cli.demo import demo
     from fedge.cli.deploy import register as register_deploy_commands
     from fedge.cli.edge import app as edge_app
     from fedge.cli.export import export, keys_app, validate
+    from fedge.cli.operators import register as register_operator_commands
     from fedge.cli.registry import fleet_app, registry_app
     from fedge.cli.report import report
     from fedge.cli.run import run
     from fedge.cli.server import app as server_app
+    from fedge.cli.site_privacy import register as register_site_privacy_commands
 
+    register_operator_commands(server_app)
     app.add_typer(server_app, name="server")
+    register_site_privacy_commands(client_app)
     app.add_typer(client_app, name="client")
     app.command()(run)
     app.command()(demo)
@@ -47,6 +52,7 @@ def _register() -> None:
     register_deploy_commands(edge_app)
     app.add_typer(edge_app, name="edge")
     app.add_typer(registry_app, name="registry")
+    app.add_typer(access_app, name="access")
     app.add_typer(fleet_app, name="fleet")
     app.add_typer(bundle_app, name="bundle")
 

@@ -61,6 +61,9 @@ def start(
     ] = None,
     insecure: Annotated[bool, typer.Option(help="For a server started with --insecure.")] = False,
     foreground: Annotated[bool, typer.Option(help="Stay attached (containers, systemd).")] = False,
+    policy: Annotated[
+        Path | None, typer.Option(help="Privacy policy (TOML); default: the site's policy.toml.")
+    ] = None,
 ) -> None:
     """Start this site's SuperNode: it trains on the data, which never leaves the site.
 
@@ -96,7 +99,19 @@ def start(
         raise ConfigError("no server: pass --server HOST:PORT")
     check_server(server)
     folder = site_dir(name)
-    spec = SuperNodeSpec(server, name, data, folder / "logs", ca, key)
+    from fedge.client.ledger import LEDGER_NAME
+    from fedge.client.policy import POLICY_NAME, load_policy
+
+    policy_path = policy or folder / POLICY_NAME
+    if policy is not None and not policy.is_file():
+        from fedge.shared.errors import ConfigError
+
+        raise ConfigError(f"policy file {policy} does not exist")
+    load_policy(policy_path)  # a broken policy stops the start, not a round later
+    spec = SuperNodeSpec(
+        server, name, data, folder / "logs", ca, key, policy=policy_path,
+        ledger=folder / LEDGER_NAME,
+    )  # fmt: skip
     proc = start_supernode(spec)
     atomic_write_text(folder / "supernode.pid", f"{proc.pid}\n")
     console.print(f"site {name} joined {server} (pid {proc.pid}); data {data}; log {spec.log_path}")

@@ -29,6 +29,20 @@ def _root_certificates(ca: Path | None, insecure: bool) -> Path | None:
     )
 
 
+def _control_token(token_file: Path | None) -> str | None:
+    """The credential from ``--token-file`` or ``$FEDGE_TOKEN`` (None: none given)."""
+    import os
+
+    if token_file is not None:
+        if not token_file.is_file():
+            raise ConfigError(f"token file {token_file} does not exist")
+        text = token_file.read_text(encoding="utf-8", errors="replace").strip()
+        if not text or len(text) > 256 or not text.isascii() or any(c.isspace() for c in text):
+            raise ConfigError(f"{token_file} does not hold a fedge token")
+        return text
+    return os.environ.get("FEDGE_TOKEN") or None
+
+
 def run(
     config: Annotated[
         Path | None, typer.Option(help="Run config (TOML); see examples/run.toml.")
@@ -46,6 +60,10 @@ def run(
     insecure: Annotated[
         bool, typer.Option(help="Connect without TLS (server started --insecure).")
     ] = False,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="Your control credential (`fedge server grant`); or $FEDGE_TOKEN."),
+    ] = None,
 ) -> None:
     """Submit a federated fine-tuning run to the server and stream its progress.
 
@@ -73,13 +91,14 @@ def run(
         cfg = load_run_config(config, num_rounds=rounds, run_dir=str(run_dir))
     certificates = _root_certificates(ca, insecure)
     _remember(Path(cfg.run_dir))
+    token = _control_token(token_file)
     console.print(
         f"submitting to {server}: {cfg.task} / {cfg.model} / {cfg.mode} / {cfg.strategy}, "
         f"{cfg.num_rounds} rounds -> {cfg.run_dir}"
     )
     show_eps = cfg.privacy.dp != "none"
     with RunProgress(console, cfg.num_rounds, show_eps) as progress:
-        summary = submit_run(cfg, server, certificates, on_event=progress.on_event)
+        summary = submit_run(cfg, server, certificates, on_event=progress.on_event, token=token)
     console.print(rounds_table(progress.rows, show_eps))
     final = summary.get("final_accuracy")
     accuracy = "-" if final is None else f"{100 * float(final):.1f}%"

@@ -24,7 +24,8 @@ def _local_superlink(data_dir: Path) -> tuple[str, Path | None]:
     from fedge.server.coordinator import read_state
 
     state = read_state(data_dir)
-    return state.address, state.ca_path
+    # Operator commands on this machine reach the SuperLink on loopback, past the front.
+    return state.local_control, state.ca_path
 
 
 @app.command()
@@ -50,11 +51,19 @@ def start(
     console = Console()
     if insecure:
         console.print("[yellow]warning: --insecure: no TLS, and any SuperNode can join.")
+        console.print("[yellow]warning: --insecure: the control API is open to anyone.")
     started = start_server(_data_dir(data_dir), host, port, registry_port, san, insecure)
     state, public = started.state, public_host(host)
-    console.print(
-        f"SuperLink running on {host}:{port} (pid {state.pid}); log: {started.log_path}"
-    )
+    if state.control_address is None:
+        console.print(
+            f"SuperLink running on {host}:{port} (pid {state.pid}); log: {started.log_path}"
+        )
+    else:
+        console.print(
+            f"SuperLink on {state.control_address} (loopback only, pid {state.pid}); "
+            f"log: {started.log_path}"
+        )
+        console.print(f"fedge front on {host}:{port} (pid {state.front_pid}): sites and runs")
     if started.registry_url:
         console.print(f"registry and fleet API on {started.registry_url}")
         console.print(
@@ -71,11 +80,20 @@ def start(
             f"Sites connect with: fedge client start --server {public}:{port} "
             "--name SITE --data SPEC --insecure"
         )
-    console.print("Submit runs with: fedge run --config run.toml")
+    if started.tls:
+        from fedge.server.operators import list_users
+
+        console.print(f"Control API (runs, nodes) on {public}:{port} needs a credential.")
+        if not any(u.role == "operator" for u in list_users(_data_dir(data_dir))):
+            console.print("  get yours (shown once): fedge server grant admin --role operator")
+        console.print("  then:  fedge run --config run.toml --token-file admin.token")
+    else:
+        console.print("Submit runs with: fedge run --config run.toml")
     if foreground:
         from fedge.shared.processes import stay_attached
 
-        stay_attached(started.superlink, *([started.registry] if started.registry else []))
+        others = [p for p in (started.registry, started.front) if p is not None]
+        stay_attached(started.superlink, *others)
 
 
 @app.command()

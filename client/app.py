@@ -25,8 +25,12 @@ class SiteClient(NumPyClient):
     """Unpacks Flower's fit/evaluate calls, delegates to ``Site``, packs the reply."""
 
     def __init__(self, context: Context) -> None:
+        from fedge.client.policy import SiteGuard
+
         self.cfg = RunConfig.from_flower(dict(context.run_config))
         self.node_config = dict(context.node_config)
+        # The site's own policy and ledger: checked before the site's data is loaded.
+        self.guard = SiteGuard.for_node(self.node_config, str(context.run_id))
 
     def _site(self) -> Any:
         from fedge.client.site import Site
@@ -36,11 +40,16 @@ class SiteClient(NumPyClient):
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        return self._site().fit(parameters, config)
+        self.guard.check_run(self.cfg)
+        site = self._site()
+        site.guard = self.guard
+        return site.fit(parameters, config)
 
     def evaluate(
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[float, int, dict[str, Any]]:
+        self.guard.check_run(self.cfg)
+        self.guard.check_evaluate()
         return self._site().evaluate(parameters, config)
 
 

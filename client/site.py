@@ -150,6 +150,14 @@ class Site:
             "cached" if cached else "loaded",
             time.time() - started,
         )
+        # The site's policy and ledger (``fedge.client.policy.SiteGuard``); None in unit tests.
+        self.guard: Any = None
+
+    def _admit(self, server_round: int, sample_rate: float, steps: int) -> dict[str, Any]:
+        """Record this round in the site's ledger before training, or refuse it."""
+        if self.guard is None:
+            return {}
+        return dict(self.guard.admit(self.cfg, server_round, sample_rate, steps))
 
     def set_parameters(self, parameters: list[np.ndarray]) -> None:
         """Load the global values of the exchanged entries into the local model."""
@@ -186,6 +194,7 @@ class Site:
         if self.cfg.privacy.dp == "record":
             result, privacy_metrics = self._train_private(loader, mu, server_round)
         else:
+            privacy_metrics = self._admit(server_round, 1.0, 1)
             result = train(
                 self.model,
                 loader,
@@ -208,7 +217,10 @@ class Site:
             records.METRIC_BYTES_UP: ndarrays_nbytes(out),
             records.METRIC_DEVICE: self.device.type,
         }
-        return out, len(self.data.y_train), metrics
+        # Site-level DP: every site weighs 1 in the mean (also inside SecAgg+, which weights
+        # by num_examples), the mechanism the server's noise z*C/m is calibrated for.
+        weight = 1 if self.cfg.privacy.dp == "site" else len(self.data.y_train)
+        return out, weight, metrics
 
     def _train_private(
         self, loader: Any, mu: float, server_round: int
@@ -220,6 +232,7 @@ class Site:
         per_round = dp_round(loader, self.cfg.local_epochs)
         epsilon = site_epsilon(privacy, per_round, server_round)
         check_budget(privacy, epsilon, self.name)
+        ledger_metrics = self._admit(server_round, per_round.sample_rate, per_round.steps)
         model, optimizer, private_loader = make_private(
             self.model, loader, self.cfg.lr, self.cfg.momentum, privacy
         )
@@ -234,6 +247,9 @@ class Site:
             mixed_precision=False,
         )
         return result, {
+            **ledger_metrics,
+            records.METRIC_DP_SAMPLE_RATE: per_round.sample_rate,
+            records.METRIC_DP_STEPS: per_round.steps,
             records.METRIC_EPSILON: epsilon,
             records.METRIC_EPSILON_NEXT: site_epsilon(privacy, per_round, server_round + 1),
         }

@@ -24,6 +24,8 @@ from fedge.shared import records
 from fedge.shared.config import toml_value
 from fedge.shared.processes import ProcessGroup, child_environment, free_port, spawn
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class SuperNodeSpec:
@@ -44,6 +46,8 @@ class SuperNodeSpec:
     # Longest wait of the SuperNode between asks for work (Flower hard-codes 3 s): each stage
     # of a round waits for it. Shorter means more requests from an idle site to the SuperLink.
     idle_poll: float = 1.0
+    policy: Path | None = None  # the site's privacy policy (TOML); None: accept any run
+    ledger: Path | None = None  # the site's privacy ledger; None: no lifetime accounting
 
     @property
     def log_path(self) -> Path:
@@ -59,6 +63,10 @@ def node_config(spec: SuperNodeSpec) -> str:
     }
     if spec.init_weights:
         values[records.NODE_INIT_WEIGHTS] = spec.init_weights
+    if spec.policy is not None:
+        values[records.NODE_POLICY] = str(Path(spec.policy).resolve())
+    if spec.ledger is not None:
+        values[records.NODE_LEDGER] = str(Path(spec.ledger).resolve())
     return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
 
 
@@ -112,6 +120,10 @@ def start_supernode(
     dies with it, so stopping (or killing) the returned process stops the site.
     """
     port = spec.local_port or free_port()
+    if not spec.warm:
+        # Flower's own flwr-clientapp processes do not check the run's app package
+        # (fedge.client.app_trust): only benchmarks comparing against Flower use this.
+        log.warning("site %s: Flower's default executor, the app package is NOT checked", spec.site)
     command = supernode_command(spec, port)
     name = f"supernode {spec.site}"
     if group is not None:
@@ -140,7 +152,7 @@ def _stop_when_executor_dies(executor: subprocess.Popen[bytes]) -> None:
 
     def wait() -> None:
         code = executor.wait()
-        logging.getLogger(__name__).error(
+        log.error(
             "fedge: the warm executor exited (code %s): stopping the SuperNode", code
         )
         os.kill(os.getpid(), signal.SIGTERM)

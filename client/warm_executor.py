@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
 
     watch_parent(args.parent_pid, parent_gone)
     _preimport()
+    from fedge.client.app_trust import guard_clientapp_installs
+
+    guard_clientapp_installs()  # every task's FAB is checked before it is installed
     from fedge.shared.ml.flower_compat import run_superexec_with
 
     def make_executor() -> ForkExecutor:

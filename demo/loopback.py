@@ -33,6 +33,8 @@ class LocalFederation:
     address: str = ""
     tls: TLSFiles | None = None
     supernodes: dict[str, Any] = field(default_factory=dict)
+    control_address: str = ""  # the SuperLink itself, on loopback (past the front)
+    token: str | None = None  # the operator's control credential (secure only)
 
     def start(self) -> "LocalFederation":
         """Start the SuperLink, enroll every site, start its SuperNode."""
@@ -41,9 +43,25 @@ class LocalFederation:
         port = free_port()
         server_dir = self.work_dir / "server"
         self.address = f"127.0.0.1:{port}"
+        self.control_address = self.address
         if self.secure:
+            from fedge.server.front import FrontSpec, start_front
+            from fedge.server.operators import grant
+
+            # As `fedge server start` does: the SuperLink on an internal loopback port, the
+            # authenticating front on the public one, and an operator credential.
             self.tls = ensure_server_certificate(server_dir / "tls", ["127.0.0.1", "localhost"])
-        start_superlink(SuperLinkSpec(server_dir, "127.0.0.1", port, self.tls), self.group)
+            internal = free_port()
+            self.control_address = f"127.0.0.1:{internal}"
+            start_superlink(SuperLinkSpec(server_dir, "127.0.0.1", internal, self.tls), self.group)
+            tls = self.tls
+            front = FrontSpec(
+                server_dir, "127.0.0.1", port, internal, tls.cert, tls.key, tls.ca_cert
+            )
+            start_front(front, self.group)
+            self.token = grant(server_dir, "demo-operator", "operator").token
+        else:
+            start_superlink(SuperLinkSpec(server_dir, "127.0.0.1", port, self.tls), self.group)
         self.site_names = self.site_names or [f"site-{i + 1}" for i in range(len(self.data_specs))]
         for name, data in zip(self.site_names, self.data_specs, strict=True):
             self.start_site(name, data)
@@ -63,6 +81,9 @@ class LocalFederation:
             private_key=key,
             warm=self.warm,
             idle_poll=self.idle_poll,
+            # Each site's own policy and privacy ledger, in its folder (as `fedge client start`).
+            policy=self.work_dir / "sites" / name / "policy.toml",
+            ledger=self.work_dir / "sites" / name / "privacy-ledger.json",
         )
         self.supernodes[name] = start_supernode(spec, self.group)
         return self.supernodes[name]
@@ -76,7 +97,9 @@ class LocalFederation:
         site_dir = self.work_dir / "sites" / name
         request = create_enrollment(name, self.address, out_dir=site_dir)
         assert request.path is not None
-        approved = approve(request.path, self.work_dir / "server", self.address, self.tls.ca_cert)
+        approved = approve(
+            request.path, self.work_dir / "server", self.control_address, self.tls.ca_cert
+        )
         identity = install_approval(approved.approval_path, directory=site_dir)
         assert identity.ca_cert_path is not None
         return identity.private_key_path, identity.ca_cert_path
@@ -86,4 +109,4 @@ class LocalFederation:
         from fedge.server.submit import submit_run
 
         ca = self.tls.ca_cert if self.tls is not None else None
-        return submit_run(cfg, self.address, ca, on_event=on_event)
+        return submit_run(cfg, self.address, ca, on_event=on_event, token=self.token)

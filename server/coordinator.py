@@ -29,6 +29,15 @@ class ServerState:
     ca_cert: str | None
     pid: int
     registry_pid: int | None
+    # With TLS the SuperLink listens on loopback (control_address) behind the fedge front
+    # (fedge.server.front), which owns the public port; operator commands on this machine
+    # use control_address.
+    control_address: str | None = None
+    front_pid: int | None = None
+
+    @property
+    def local_control(self) -> str:
+        return self.control_address or self.address
 
     @property
     def ca_path(self) -> Path | None:
@@ -47,6 +56,7 @@ class StartedServer:
     log_path: Path
     registry_url: str | None
     tls: bool
+    front: "subprocess.Popen[bytes] | None" = None  # the fedge front (TLS servers)
 
 
 def read_state(data_dir: Path) -> ServerState:
@@ -70,6 +80,8 @@ def read_state(data_dir: Path) -> ServerState:
             ca_cert=data.get("ca_cert"),
             pid=int(data["pid"]),
             registry_pid=int(data["registry_pid"]) if data.get("registry_pid") else None,
+            control_address=data.get("control_address"),
+            front_pid=int(data["front_pid"]) if data.get("front_pid") else None,
         )
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path} is not a fedge server state file: {e}") from e
@@ -107,8 +119,25 @@ def start_server(
     from fedge.shared.tls import ensure_server_certificate
 
     tls = None if insecure else ensure_server_certificate(data_dir / "tls", list(sans or []))
-    spec = SuperLinkSpec(data_dir, host, port, tls)
-    proc = start_superlink(spec)
+    front_pid, front_proc = None, None
+    if tls is None:
+        spec = SuperLinkSpec(data_dir, host, port, tls)
+        proc = start_superlink(spec)
+    else:
+        # The SuperLink listens on loopback only; the front owns the public port and lets
+        # sites reach only the Fleet API (docs/sovereign-sites.md).
+        from fedge.server.front import FrontSpec, start_front
+        from fedge.shared.processes import free_port
+
+        spec = SuperLinkSpec(data_dir, "127.0.0.1", free_port(), tls)
+        proc = start_superlink(spec)
+        front = FrontSpec(data_dir, host, port, spec.port, tls.cert, tls.key, tls.ca_cert)
+        try:
+            front_proc = start_front(front)
+            front_pid = front_proc.pid
+        except BaseException:
+            stop_superlink(data_dir)  # never leave a SuperLink without its front
+            raise
     registry, registry_url = None, None
     if registry_port:
         from fedge.server.registry.api import start_registry_server
@@ -122,15 +151,18 @@ def start_server(
             tls.key if tls else None,
         )
         registry_url = f"{'https' if tls else 'http'}://{public_host(host)}:{registry_port}"
+    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     state = ServerState(
-        address=f"{spec.connect_host}:{port}",
+        address=f"{connect_host}:{port}",
         ca_cert=str(tls.ca_cert) if tls else None,
         pid=proc.pid,
         registry_pid=registry.pid if registry else None,
+        control_address=f"127.0.0.1:{spec.port}" if tls else None,
+        front_pid=front_pid,
     )
     atomic_write_json(data_dir / STATE_FILE, asdict(state))
     return StartedServer(
-        proc, registry, state, host, port, spec.log_path, registry_url, tls is not None
+        proc, registry, state, host, port, spec.log_path, registry_url, tls is not None, front_proc
     )
 
 
@@ -144,4 +176,7 @@ def stop_server(data_dir: Path) -> bool:
             registry_pid = None
         if registry_pid:
             stop_process(registry_pid)
+    from fedge.server.front import stop_front
+
+    stop_front(data_dir)
     return stop_superlink(data_dir)

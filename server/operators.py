@@ -18,13 +18,13 @@ import fcntl
 import hashlib
 import hmac
 import json
-import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedge.shared.access_files import validate_user_name
 from fedge.shared.atomic import atomic_write_json
 from fedge.shared.enrollment_files import utc_now
 from fedge.shared.errors import ConfigError, SecurityError
@@ -50,8 +50,6 @@ ROLES = ("operator", "scientist")
 TOKEN_PREFIX = "fedge_"
 # Upper bound on a presented token: anything longer is refused before hashing.
 MAX_TOKEN_CHARS = 256
-
-_USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -81,21 +79,6 @@ class UserRow:
     role: str
     fingerprint: str
     granted_at: str
-
-
-def validate_user_name(name: str) -> str:
-    """Return ``name`` if it is a valid user name (1-64 of letters, digits, ``_.@-``).
-
-    Raises
-    ------
-    ConfigError
-        When it is not.
-    """
-    if not isinstance(name, str) or not _USER_NAME.match(name):
-        raise ConfigError(
-            f"user name {name!r} is not valid: use 1-64 letters, digits, '_', '.', '@' or '-'"
-        )
-    return name
 
 
 def _hash(token: str) -> str:

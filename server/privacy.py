@@ -46,8 +46,14 @@ def privacy_record(
     epsilon: float | None,
     sampled_clients: int,
     total_clients: int,
+    per_site: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """The privacy facts of a model, for summary.json, the model card and the bundle."""
+    """The privacy facts of a model, for summary.json, the model card and the bundle.
+
+    Enough to recompute epsilon without the run: for site-level DP the sampling rate and
+    the (unweighted) aggregation; for record-level DP each site's DP-SGD sample rate,
+    steps per round and rounds (``per_site``).
+    """
     p = cfg.privacy
     dp: dict[str, Any] = {"level": p.dp}
     if p.dp != "none":
@@ -66,6 +72,11 @@ def privacy_record(
                 "unit": "one site's whole dataset" if p.dp == "site" else "one record of a site",
             }
         )
+        if p.dp == "site":
+            dp["aggregation"] = "unweighted mean of the sites' clipped models (weight 1 each)"
+            dp["sampling_rate"] = min(sampled_clients / max(total_clients, 1), 1.0)
+        else:
+            dp["per_site"] = dict(per_site or {})
     secagg: dict[str, Any] = {"enabled": p.secagg}
     if p.secagg:
         secagg.update(

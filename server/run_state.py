@@ -135,6 +135,9 @@ class ServerRun:
         self.round_started = time.monotonic()
         self.epsilon: float | None = None
         self.epsilon_next_by_site: dict[str, float] = {}
+        # Record-level DP: per site, its DP-SGD sample rate, steps per round and rounds, so
+        # that anyone can recompute epsilon from the model card alone.
+        self.dp_per_site: dict[str, dict[str, float]] = {}
         self.max_sampled = 0
         self.max_available = 0
         self._eval_loader = self._server_eval_loader()
@@ -162,6 +165,7 @@ class ServerRun:
             self.start_round = ckpt.round
             self.epsilon = ckpt.metrics.get("epsilon")
             self.epsilon_next_by_site = dict(ckpt.metrics.get("epsilon_next_by_site", {}))
+            self.dp_per_site = dict(ckpt.metrics.get("dp_per_site", {}))
             summary = self._read_summary()
             self.initial_accuracy = summary.get("initial_accuracy")
             events.emit(Event.RESUME, round=self.start_round, checkpoint=str(latest))
@@ -403,6 +407,11 @@ class ServerRun:
             if eps:
                 self.epsilon = max(eps + ([self.epsilon] if self.epsilon else []))
             for c in record.clients:
+                if records.METRIC_DP_SAMPLE_RATE in c:
+                    row = self.dp_per_site.setdefault(str(c.get(records.METRIC_SITE)), {})
+                    row["sample_rate"] = float(c[records.METRIC_DP_SAMPLE_RATE])
+                    row["steps_per_round"] = int(c.get(records.METRIC_DP_STEPS, 0))
+                    row["rounds"] = int(row.get("rounds", 0)) + 1
                 if records.METRIC_EPSILON_NEXT in c:
                     self.epsilon_next_by_site[str(c.get(records.METRIC_SITE))] = float(
                         c[records.METRIC_EPSILON_NEXT]
@@ -429,6 +438,7 @@ class ServerRun:
             **server,
             "epsilon": self.epsilon,
             "epsilon_next_by_site": self.epsilon_next_by_site,
+            "dp_per_site": self.dp_per_site,
         }
 
     def _checkpoint(self, absolute: int) -> None:
@@ -494,6 +504,7 @@ class ServerRun:
                 epsilon=self.epsilon,
                 sampled_clients=self.max_sampled,
                 total_clients=self.max_available,
+                per_site=self.dp_per_site,
             ),
         }
         atomic_write_json(self.run_dir / SUMMARY_FILE, summary)

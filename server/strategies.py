@@ -4,12 +4,22 @@ fedge runs every federation through Flower's legacy workflow (``LegacyContext``
 + ``DefaultWorkflow``) because SecAgg+ exists only there in flwr 1.42; using it
 for plain runs too keeps one server path for both. Site-level DP wraps the
 chosen strategy in Flower's own ``DifferentialPrivacyClientSideFixedClipping``.
+
+That wrapper adds noise z*C/m to the aggregate, which is calibrated for an unweighted
+mean of m clipped updates (sensitivity C/m). FedAvg weights each update by the site's
+self-reported ``num_examples``, so a site holding a fraction w of the examples moves the
+mean by up to w*C, and the stated epsilon would not hold (a 90 % site gets an effective
+noise multiplier of about z/(0.9*m)). With site-level DP fedge therefore gives every
+site the same weight (``EqualSiteWeights``): the mechanism applied is the one the
+accountant assumes.
 """
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from flwr.common import MetricsAggregationFn, Parameters
+from flwr.common import FitRes, MetricsAggregationFn, Parameters, Scalar
+from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     FedAdam,
@@ -21,6 +31,47 @@ from flwr.server.strategy import (
 from fedge.shared.config import RunConfig
 
 EvaluateFn = Callable[[int, Any, dict[str, Any]], tuple[float, dict[str, Any]] | None]
+
+
+class EqualSiteWeights(Strategy):
+    """Delegate to ``inner``, but aggregate every site's update with weight 1.
+
+    Each ``FitRes.num_examples`` is replaced by 1 before ``inner.aggregate_fit``, so
+    FedAvg (and FedProx, which aggregates as FedAvg) computes the plain mean of the
+    sites' models: the mechanism site-level DP's noise is calibrated for.
+    """
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+
+    def __repr__(self) -> str:
+        return f"EqualSiteWeights({self.inner!r})"
+
+    def initialize_parameters(self, client_manager: Any) -> Parameters | None:
+        return self.inner.initialize_parameters(client_manager)
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> Any:
+        return self.inner.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        equal = [(proxy, dataclasses.replace(res, num_examples=1)) for proxy, res in results]
+        return self.inner.aggregate_fit(server_round, equal, failures)
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: Any
+    ) -> Any:
+        return self.inner.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(self, server_round: int, results: Any, failures: Any) -> Any:
+        return self.inner.aggregate_evaluate(server_round, results, failures)
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> Any:
+        return self.inner.evaluate(server_round, parameters)
 
 
 def build_strategy(
@@ -56,7 +107,7 @@ def build_strategy(
         strategy = FedAvg(**common)
     if cfg.privacy.dp == "site":
         strategy = DifferentialPrivacyClientSideFixedClipping(
-            strategy,
+            EqualSiteWeights(strategy),
             noise_multiplier=cfg.privacy.noise_multiplier,
             clipping_norm=cfg.privacy.clipping_norm,
             num_sampled_clients=num_sampled_clients,

@@ -17,7 +17,7 @@ from fedge.server import events
 from fedge.server.events import Event
 from fedge.server.flower_app_config import APP_DIR
 from fedge.shared.config import RunConfig, toml_value
-from fedge.shared.errors import ConnectionFailed, RunError
+from fedge.shared.errors import ConnectionFailed, RunError, SecurityError
 from fedge.shared.processes import child_environment, flower_tool, port_open, split_address
 
 log = logging.getLogger(__name__)
@@ -37,13 +37,36 @@ def write_flower_home(home: Path, superlink: str, root_certificates: Path | None
     return home
 
 
+def store_control_token(home: Path, superlink: str, token: str) -> None:
+    """Make ``flwr`` send ``Authorization: Bearer <token>`` on every Control API call.
+
+    flwr's CLI sends the access token of its OIDC account-auth plugin as a bearer header
+    (``flwr.cli.cli_account_auth_interceptor``); fedge stores its own credential there,
+    in this FLWR_HOME's credential file, so plain ``flwr run`` passes the fedge front. The
+    refresh token is a placeholder: the front never asks for a refresh (no
+    ``WWW-Authenticate: Bearer``), so flwr never uses it.
+    """
+    from flwr.cli.auth_plugin.oidc_cli_plugin import OidcCliPlugin
+    from flwr.supercore.auth.typing import AccountAuthCredentials
+    from flwr.supercore.credential_store.file_credential_store import FileCredentialStore
+
+    plugin = OidcCliPlugin(superlink)
+    plugin.store = FileCredentialStore(home / "credentials.yaml")
+    plugin.store_tokens(AccountAuthCredentials(access_token=token, refresh_token="unused"))
+
+
 def submit_run(
     cfg: RunConfig,
     superlink: str,
     root_certificates: Path | None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    token: str | None = None,
+    app_dir: Path = APP_DIR,
 ) -> dict[str, Any]:
     """Run ``cfg`` on the SuperLink at ``superlink`` and wait for it to finish.
+
+    ``token`` is a fedge control credential (``fedge server grant``), needed by a server
+    whose control API sits behind the fedge front.
 
     Returns
     -------
@@ -65,8 +88,11 @@ def submit_run(
     log_path = run_dir / RUN_LOG
     summary: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
+    refused = False
     with tempfile.TemporaryDirectory(prefix="fedge-flwr-") as tmp:
         home = write_flower_home(Path(tmp) / "flwr", superlink, root_certificates)
+        if token is not None:
+            store_control_token(home, superlink, token)
         overrides = Path(tmp) / "run-config.toml"
         overrides.write_text(
             "".join(f"{k} = {toml_value(v)}\n" for k, v in cfg.to_flower().items())
@@ -74,7 +100,7 @@ def submit_run(
         command = [
             flower_tool("flwr"),
             "run",
-            str(APP_DIR),
+            str(app_dir),
             CONNECTION,
             "--run-config",
             str(overrides),
@@ -90,6 +116,8 @@ def submit_run(
                 for line in proc.stdout:
                     run_log.write(line)
                     run_log.flush()
+                    # flwr's words when the fedge front answers 401 (no valid credential).
+                    refused = refused or "Authentication failed" in line
                     event = events.parse(line)
                     if event is None:
                         continue
@@ -112,6 +140,12 @@ def submit_run(
     if failure is not None:
         raise RunError(
             f"the run failed on the server: {failure.get('message')}", failure.get("hint")
+        )
+    if summary is None and refused:
+        raise SecurityError(
+            f"the server at {superlink} refused to start the run: no valid control credential",
+            hint="ask the operator for one (`fedge server grant NAME`), then pass "
+            "--token-file FILE or set FEDGE_TOKEN",
         )
     if summary is None:
         raise RunError(f"the run ended without a summary; see {log_path}")

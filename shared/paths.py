@@ -27,3 +27,13 @@ def trusted_key_path() -> Path:
 def site_dir(name: str) -> Path:
     """A site's enrollment folder: its private key, public key, the server's CA."""
     return fedge_home() / "sites" / name
+
+
+def flower_app_dir() -> Path:
+    """The fedge Flower app folder (``server/flower-app``) of this installation.
+
+    Sites rebuild its FAB to check what a run asks them to execute
+    (``fedge.client.app_trust``); the path is resolved here so the site side needs no
+    server import.
+    """
+    return Path(__file__).resolve().parent.parent / "server" / "flower-app"

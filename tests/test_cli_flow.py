@@ -79,6 +79,11 @@ def test_operator_and_site_flow(tmp_path: Path) -> None:
             pids[name] = int(pid_file.read_text())
         config = tmp_path / "run.toml"
         config.write_text("num-rounds = 1\nmin-clients = 2\nfederated-eval = false\n")
+        # The control API sits behind the fedge front: the operator's own credential.
+        assert "fedge server grant admin --role operator" in started.stdout
+        token = tmp_path / "admin.token"
+        fedge("server", "grant", "admin", "--role", "operator", "--out", str(token),
+              "--data-dir", str(data_dir), cwd=tmp_path)  # fmt: skip
         run = fedge(
             "run",
             "--config",
@@ -89,6 +94,8 @@ def test_operator_and_site_flow(tmp_path: Path) -> None:
             str(tmp_path / "run"),
             "--ca",
             str(data_dir / "tls" / "ca.crt"),
+            "--token-file",
+            str(token),
             cwd=tmp_path,
         )
         assert "final accuracy" in run.stdout

@@ -48,3 +48,49 @@ def test_bad_names_roles_and_corrupt_file(tmp_path):
     assert operators.authenticate(tmp_path, g.token) is None  # fails closed
     (tmp_path / operators.OPERATORS_NAME).write_text(json.dumps({"format": "x"}))
     assert operators.authenticate(tmp_path, g.token) is None
+
+
+def test_access_request_grant_install_flow(tmp_path):
+    import subprocess
+    import sys
+
+    from fedge.shared.access_files import create_access_request
+    from fedge.shared.processes import child_environment
+    from fedge.shared.tls import certificate_fingerprint, ensure_server_certificate
+
+    server = tmp_path / "server"
+    tls = ensure_server_certificate(server / "tls", ["127.0.0.1"])
+    laptop = tmp_path / "laptop"
+    req = create_access_request("alice", "127.0.0.1:9092", laptop)
+    assert stat.S_IMODE((laptop / "alice.access.key").stat().st_mode) == 0o600
+
+    def fedge(*args):
+        return subprocess.run([sys.executable, "-m", "fedge", *args], capture_output=True,
+                              text=True, env=child_environment(), timeout=120)  # fmt: skip
+
+    wrong = fedge("server", "grant", "alice", "--request", str(req.path), "--fingerprint",
+                  "SHA256:AAAA", "--data-dir", str(server))  # fmt: skip
+    assert wrong.returncode == 6 and not (server / operators.OPERATORS_NAME).exists()
+    answer = tmp_path / "alice.access.json"
+    ok = fedge("server", "grant", "alice", "--request", str(req.path), "--fingerprint",
+               req.fingerprint, "--out", str(answer), "--data-dir", str(server))  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    ca_fp = certificate_fingerprint(tls.ca_cert.read_bytes())
+    assert ca_fp in ok.stdout
+    # The answer travels in the clear, but the token in it does not.
+    bad = fedge("access", "install", str(answer), "--ca-fingerprint", "SHA256:" + "00" * 32,
+                "--folder", str(laptop))  # fmt: skip
+    assert bad.returncode == 6 and not (laptop / "alice.token").exists()
+    done = fedge("access", "install", str(answer), "--ca-fingerprint", ca_fp,
+                 "--folder", str(laptop))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    token = (laptop / "alice.token").read_text().strip()
+    assert token not in answer.read_text()
+    assert stat.S_IMODE((laptop / "alice.token").stat().st_mode) == 0o600
+    assert operators.authenticate(server, token) == operators.Operator("alice", "scientist")
+    # Someone else's key cannot open it.
+    other = tmp_path / "other"
+    create_access_request("alice", "127.0.0.1:9092", other)
+    stolen = fedge("access", "install", str(answer), "--ca-fingerprint", ca_fp,
+                   "--folder", str(other))  # fmt: skip
+    assert stolen.returncode == 6 and "does not open" in stolen.stderr

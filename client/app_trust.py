@@ -1,0 +1,103 @@
+"""Only code the site trusts runs at the site: the run's app package (FAB) is checked first.
+
+Whoever can start a run chooses the FAB, and Flower's SuperNode installs it and imports
+its ClientApp. Flower's own guard (``flower-supernode --trusted-entities``) cannot help
+with an open-source SuperLink, which gives every locally submitted FAB empty
+``verifications`` (STACK.md). So fedge checks in the one place it controls at the site,
+the executor that starts each ClientApp (``fedge.client.warm_executor``): before
+Flower's ``install_from_fab`` unpacks the FAB, the FAB's SHA-256 must equal the hash of
+the fedge app this site has installed, rebuilt with Flower's own deterministic builder
+(``flwr.cli.build.build_fab_from_disk``: fixed timestamps, sorted entries; the same
+bytes every time). fedge's FAB holds only a ``pyproject.toml`` naming
+``fedge.client.app:app``; the code is the site's installed fedge package. A FAB with any
+other file, another component path or another config is refused before any of its code
+is unpacked or imported, and the reason reaches the server as a failed round.
+
+Why a hash of the installed app rather than an operator signature: the site then trusts
+only what its own administrator installed, with no key to manage and nothing the
+operator (or a thief of the operator's key) could sign into it. The price: server and
+sites must run the same fedge version, and a mismatch is refused with both hashes named.
+"""
+
+import functools
+import hashlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fedge.shared.errors import SecurityError
+
+log = logging.getLogger(__name__)
+# A FAB larger than this is refused unread (fedge's is a few kilobytes).
+MAX_FAB_BYTES = 1 << 20
+
+
+class UntrustedApp(SecurityError):
+    """The run's app package is not the fedge app this site has installed."""
+
+
+@functools.cache
+def installed_fab_hash() -> str:
+    """SHA-256 of the fedge Flower app as installed at this site, built as ``flwr run`` does."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedge.shared.paths import flower_app_dir
+
+    return hashlib.sha256(build_fab_from_disk(flower_app_dir())).hexdigest()
+
+
+def check_fab(content: bytes) -> str:
+    """Return the FAB's hash if it is exactly the installed fedge app.
+
+    Raises
+    ------
+    UntrustedApp
+        Otherwise, naming the FAB's hash and the one expected.
+    """
+    if not isinstance(content, bytes | bytearray) or len(content) > MAX_FAB_BYTES:
+        raise UntrustedApp("refused the run's app package: not a fedge app (too large)")
+    got = hashlib.sha256(content).hexdigest()
+    expected = installed_fab_hash()
+    if got != expected:
+        raise UntrustedApp(
+            f"refused the run's app package (sha256 {got[:16]}...): this site runs only the "
+            f"fedge app it has installed (sha256 {expected[:16]}...); same fedge version?"
+        )
+    return got
+
+
+def checked(install: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap Flower's ``install_from_fab``: check the FAB first, then install it."""
+
+    @functools.wraps(install)
+    def install_trusted_fab(fab_file: Any, *args: Any, **kwargs: Any) -> Any:
+        content = fab_file if isinstance(fab_file, bytes) else fab_file.read_bytes()
+        try:
+            check_fab(content)
+        except UntrustedApp as e:
+            log.error("%s", e)
+            raise
+        return install(fab_file, *args, **kwargs)
+
+    install_trusted_fab.fedge_checked = True  # type: ignore[attr-defined]
+    return install_trusted_fab
+
+
+def guard_clientapp_installs() -> None:
+    """Make Flower's ClientApp runner check every FAB before installing it.
+
+    ``flwr.supernode.runtime.run_clientapp`` calls ``install_from_fab`` by its module
+    global; fedge replaces that global with the checking wrapper. If Flower renames it,
+    this fails loudly (the site refuses to start) instead of running unchecked apps.
+    """
+    from flwr.supernode.runtime import run_clientapp as runner
+
+    original = getattr(runner, "install_from_fab", None)
+    if original is None or not callable(original):
+        raise UntrustedApp(
+            "this Flower version's ClientApp runner has no install_from_fab: fedge cannot "
+            "check the apps it runs, so it refuses to start"
+        )
+    if not getattr(original, "fedge_checked", False):
+        runner.install_from_fab = checked(original)
+    installed_fab_hash()  # once, before any fork

@@ -1,0 +1,142 @@
+"""A site's own privacy ledger: every DP release it made, composed across all runs.
+
+Each training round a site takes part in is one entry, written (atomically, 0600,
+under a lock) BEFORE the round's update leaves the site, so a crash between training
+and reporting can only over-count. Epsilon is composed with Opacus' RDP accountant,
+the same accountant the site's DP-SGD uses (``fedge.client.dp_sgd``):
+
+- record-level DP (DP-SGD): ``steps`` steps of the sampled Gaussian mechanism with the
+  site's own Poisson rate ``sample_rate`` and noise multiplier z;
+- site-level DP (noise added by the server): one Gaussian mechanism with z per round,
+  taken with sampling rate 1 (the site cannot see how the server sampled: an upper
+  bound). It protects the whole dataset, so it also bounds any one record; it holds
+  only if the operator's server really adds the noise it states;
+- no DP: epsilon is infinite.
+
+Composing all runs' events in one accountant is RDP composition, tighter than adding
+the per-run epsilons and still a valid upper bound.
+"""
+
+import contextlib
+import fcntl
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedge.shared.atomic import atomic_write_json
+from fedge.shared.errors import SecurityError
+
+LEDGER_NAME = "privacy-ledger.json"
+LEDGER_FORMAT = "fedge-privacy-ledger/1"
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One training round this site took part in (one DP release)."""
+
+    run_id: str
+    round: int
+    dp: str  # none | record | site
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    task: str
+    model: str
+    at: str
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "LedgerEntry":
+        try:
+            return LedgerEntry(
+                run_id=str(data["run_id"]),
+                round=int(data["round"]),
+                dp=str(data["dp"]),
+                noise_multiplier=float(data["noise_multiplier"]),
+                sample_rate=float(data["sample_rate"]),
+                steps=int(data["steps"]),
+                task=str(data["task"]),
+                model=str(data["model"]),
+                at=str(data["at"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise SecurityError(f"privacy ledger entry is malformed: {data!r:.200}") from e
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """The ledger's view of one run: rounds taken part in and its own epsilon."""
+
+    run_id: str
+    dp: str
+    rounds: int
+    epsilon: float
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Serialize read-check-append between ClientApp processes of one site."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def load_ledger(path: Path) -> list[LedgerEntry]:
+    """Every entry of the ledger at ``path`` ([] if there is none yet).
+
+    Raises
+    ------
+    SecurityError
+        When the file is corrupt: the site then refuses to train (fail closed) until an
+        administrator restores it.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SecurityError(f"privacy ledger {path} is unreadable; restore it") from e
+    if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
+        raise SecurityError(f"{path} is not a fedge privacy ledger")
+    entries = data.get("entries")
+    if not isinstance(entries, list):
+        raise SecurityError(f"{path} is malformed: 'entries' is not a list")
+    return [LedgerEntry.from_dict(e) for e in entries if isinstance(e, dict)]
+
+
+def save_ledger(path: Path, entries: list[LedgerEntry]) -> None:
+    """Write the whole ledger atomically (0600)."""
+    atomic_write_json(
+        path, {"format": LEDGER_FORMAT, "entries": [asdict(e) for e in entries]}, mode=0o600
+    )
+
+
+def epsilon_of(entries: list[LedgerEntry], delta: float) -> float:
+    """Epsilon at ``delta`` of all ``entries`` composed (RDP, Opacus' accountant)."""
+    if not entries:
+        return 0.0
+    if any(e.dp == "none" or e.noise_multiplier <= 0 for e in entries):
+        return math.inf
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+    return float(accountant.get_epsilon(delta))
+
+
+def runs(entries: list[LedgerEntry], delta: float) -> list[RunRow]:
+    """One row per run, in the order the runs first appear."""
+    order: dict[str, list[LedgerEntry]] = {}
+    for entry in entries:
+        order.setdefault(entry.run_id, []).append(entry)
+    return [
+        RunRow(run_id, group[0].dp, len(group), epsilon_of(group, delta))
+        for run_id, group in order.items()
+    ]

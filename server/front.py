@@ -1,0 +1,317 @@
+"""The fedge front: the coordinator's public port, which lets sites reach only the Fleet API.
+
+Flower 1.42's SuperLink serves Fleet (``/v1/fleet/*``), Control (``/v1/control/*``) and
+Runtime (``/v1/runtime/*``) as protobuf-over-HTTP/1.1 on one FastAPI/uvicorn port, and
+the open-source Control API checks no credential (``NoOpControlAuthnPlugin``). So
+fedge binds the SuperLink to 127.0.0.1 on an internal port and puts this small
+reverse proxy (Starlette on uvicorn, TLS with the server certificate, httpx streaming
+upstream) on the public port:
+
+- ``/v1/fleet/<route>``: forwarded as is; Flower's SuperNode authentication (signed
+  headers, checked by the SuperLink) still applies.
+- ``/v1/control/<route>``: forwarded only with ``Authorization: Bearer <token>`` of a
+  user in ``operators.json`` whose role allows the route (``allowed``); the header is
+  dropped before forwarding, so the token never reaches the SuperLink's logs.
+- ``/health``: forwarded (container health checks).
+- everything else, including the Runtime API (only the ServerApp on this machine uses
+  it, on the internal port): 404.
+"""
+
+import argparse
+import contextlib
+import logging
+import re
+import ssl
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fedge.front")
+FRONT_LOG = "front.log"
+FRONT_PID = "front.pid"
+
+# Routes of Flower 1.42's Fleet router (flwr/superlink/routers/fleet/router.py).
+FLEET_ROUTES = frozenset(
+    {
+        "register-node",
+        "activate-node",
+        "deactivate-node",
+        "unregister-node",
+        "send-node-heartbeat",
+        "pull-messages",
+        "push-messages",
+        "get-run",
+        "get-fab",
+        "push-object",
+        "pull-object",
+        "confirm-message-received",
+    }
+)
+# What a data scientist may do: start, stop, list and follow runs, nothing about nodes.
+SCIENTIST_ROUTES = frozenset(
+    {
+        "start-run",
+        "stop-run",
+        "list-runs",
+        "stream-logs",
+        "stream-run-events",
+        "pull-artifacts",
+        "list-run-series",
+        "get-run-series",
+        "list-run-series-events",
+        "list-federations",
+        "show-federation",
+    }
+)
+# The operator additionally manages nodes. Anything else of the Control API (connectors,
+# invitations, OIDC login, app store) is not something fedge uses: refused for everyone.
+OPERATOR_ROUTES = SCIENTIST_ROUTES | {"register-node", "unregister-node", "list-nodes"}
+
+_ROUTE = re.compile(r"^/v1/(fleet|control)/([a-z][a-z-]{0,63})$")
+# Bounds on what one request may carry: a Fleet object holds (a chunk of) model weights,
+# a start-run the app package (FAB).
+MAX_FLEET_BODY = 1 << 30
+MAX_CONTROL_BODY = 64 << 20
+# Request headers that belong to this hop (RFC 9110 §7.6.1) or must not pass upstream.
+_DROP_REQUEST = frozenset(
+    {
+        "host",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "upgrade",
+        "authorization",
+        "proxy-authorization",
+        "content-length",
+    }
+)
+_DROP_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade"})
+
+
+def allowed(role: str, route: str) -> bool:
+    """Whether a user with ``role`` may call the Control API ``route``."""
+    routes = OPERATOR_ROUTES if role == "operator" else SCIENTIST_ROUTES
+    return role in ("operator", "scientist") and route in routes
+
+
+@dataclass(frozen=True)
+class FrontSpec:
+    """Where the front listens, where the SuperLink is, and its TLS and credential files."""
+
+    data_dir: Path
+    host: str
+    port: int
+    upstream_port: int
+    cert: Path
+    key: Path
+    ca_cert: Path
+
+    def command(self) -> list[str]:
+        """The command line that runs this front (``python -m fedge.server.front``)."""
+        import sys
+
+        return [
+            sys.executable, "-m", "fedge.server.front",
+            "--data-dir", str(self.data_dir), "--host", self.host, "--port", str(self.port),
+            "--upstream-port", str(self.upstream_port), "--cert", str(self.cert),
+            "--key", str(self.key), "--ca-cert", str(self.ca_cert),
+        ]  # fmt: skip
+
+
+def _bearer(headers: Any) -> str | None:
+    value = headers.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def create_app(data_dir: Path, upstream: str, ca_cert: Path) -> Any:
+    """The front's ASGI app, forwarding allowed requests to ``upstream`` (``https://...``)."""
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.background import BackgroundTask
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    from fedge.server.operators import authenticate
+
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    # Long polls and log streams: no read timeout on the upstream side.
+    client = httpx.AsyncClient(
+        base_url=upstream, verify=context, timeout=httpx.Timeout(30.0, read=None)
+    )
+
+    def refuse(status: int, text: str) -> Response:
+        return PlainTextResponse(text + "\n", status_code=status)
+
+    async def forward(request: Request, limit: int) -> Response:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return refuse(413, "request body too large")
+
+        async def body() -> AsyncIterator[bytes]:
+            seen = 0
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > limit:
+                    raise ValueError("request body too large")
+                yield chunk
+
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST]
+        upstream_request = client.build_request(
+            request.method,
+            request.url.path,
+            params=request.url.query or None,
+            headers=headers,
+            content=body() if request.method not in ("GET", "HEAD") else None,
+        )
+        try:
+            response = await client.send(upstream_request, stream=True)
+        except ValueError:
+            return refuse(413, "request body too large")
+        except httpx.HTTPError as e:
+            log.warning("SuperLink unreachable: %s", type(e).__name__)
+            return refuse(503, "the SuperLink behind this front is not reachable")
+        out_headers = {k: v for k, v in response.headers.items() if k.lower() not in _DROP_RESPONSE}
+        return StreamingResponse(
+            response.aiter_raw(),
+            status_code=response.status_code,
+            headers=out_headers,
+            background=BackgroundTask(response.aclose),
+        )
+
+    async def dispatch(request: Request) -> Response:
+        path = request.url.path
+        if path == "/health" and request.method in ("GET", "HEAD"):
+            return await forward(request, 0)
+        match = _ROUTE.match(path)
+        if match is None or request.method != "POST":
+            return refuse(404, "not found")
+        api, route = match.groups()
+        if api == "fleet":
+            if route not in FLEET_ROUTES:
+                return refuse(404, "not found")
+            return await forward(request, MAX_FLEET_BODY)
+        token = _bearer(request.headers)
+        user = authenticate(data_dir, token) if token else None
+        if user is None:
+            log.warning("refused control route %s: no valid credential", route)
+            # No "WWW-Authenticate: Bearer": flwr's CLI would answer it with a token refresh.
+            return refuse(401, "the control API needs a fedge operator credential")
+        if not allowed(user.role, route):
+            log.warning("refused control route %s to %s (%s)", route, user.name, user.role)
+            return refuse(403, f"{user.role} {user.name!r} may not call {route}")
+        log.info("control %s by %s (%s)", route, user.name, user.role)
+        return await forward(request, MAX_CONTROL_BODY)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        yield
+        await client.aclose()
+
+    methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+    return Starlette(
+        routes=[Route("/{path:path}", dispatch, methods=methods)],
+        lifespan=lifespan,
+    )
+
+
+def start_front(
+    spec: FrontSpec, group: Any = None, timeout: float = 30.0
+) -> "subprocess.Popen[bytes]":
+    """Start the front in the background and wait until its port answers.
+
+    Parameters
+    ----------
+    spec
+        Where it listens and what it protects.
+    group
+        A ``ProcessGroup`` to own the process (tests, demo); None for a detached server.
+    """
+    from fedge.shared.atomic import atomic_write_text
+    from fedge.shared.errors import ConfigError
+    from fedge.shared.processes import child_environment, port_open, spawn, wait_until
+
+    connect = "127.0.0.1" if spec.host in ("0.0.0.0", "::", "") else spec.host
+    if port_open(connect, spec.port):
+        raise ConfigError(f"port {spec.port} is already in use; choose another with --port")
+    log_path = spec.data_dir / FRONT_LOG
+    env = child_environment()
+    command = spec.command()
+    proc = group.start("front", command, log_path, env) if group else spawn(command, log_path, env)
+    atomic_write_text(spec.data_dir / FRONT_PID, f"{proc.pid}\n")
+    wait_until(
+        lambda: port_open(connect, spec.port), timeout, f"the front on port {spec.port}", proc,
+        log_path,
+    )  # fmt: skip
+    return proc
+
+
+def stop_front(data_dir: Path) -> bool:
+    """Stop the front whose pid file is in ``data_dir``; False if none was running."""
+    from fedge.shared.processes import is_running, stop_process
+
+    pid_file = data_dir / FRONT_PID
+    if not pid_file.exists():
+        return False
+    try:
+        pid = int(pid_file.read_text().strip())
+    except ValueError:
+        pid = 0
+    running = pid > 0 and is_running(pid)
+    if running:
+        stop_process(pid)
+    pid_file.unlink(missing_ok=True)
+    return running
+
+
+def serve(spec: FrontSpec) -> None:
+    """Run the front until it is stopped (blocking)."""
+    import uvicorn
+
+    app = create_app(spec.data_dir, f"https://127.0.0.1:{spec.upstream_port}", spec.ca_cert)
+    uvicorn.run(
+        app,
+        host=spec.host,
+        port=spec.port,
+        ssl_certfile=str(spec.cert),
+        ssl_keyfile=str(spec.key),
+        log_level="warning",
+        access_log=False,  # never log paths with query strings or client addresses by default
+        limit_concurrency=512,
+        timeout_keep_alive=30,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fedge.server.front``: the process ``fedge server start`` runs."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream-port", type=int, required=True)
+    parser.add_argument("--cert", type=Path, required=True)
+    parser.add_argument("--key", type=Path, required=True)
+    parser.add_argument("--ca-cert", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    serve(
+        FrontSpec(
+            args.data_dir,
+            args.host,
+            args.port,
+            args.upstream_port,
+            args.cert,
+            args.key,
+            args.ca_cert,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

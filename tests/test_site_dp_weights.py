@@ -1,0 +1,79 @@
+"""Site-level DP with unequal sites: the mechanism applied is the one epsilon is stated for.
+
+FedAvg weights updates by each site's ``num_examples``; Flower's DP wrapper adds noise
+z*C/m, calibrated for an unweighted mean. A site holding 90 % of the examples would move
+a weighted mean by 0.9*C, an effective noise multiplier of z/(0.9*m). fedge aggregates
+site-DP rounds unweighted; these tests measure the sensitivity and the noise it applies.
+"""
+
+import numpy as np
+import pytest
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.strategy import FedAvg
+
+from fedge.server.privacy import privacy_record, site_level_epsilon
+from fedge.server.strategies import build_strategy
+from fedge.shared.config import PrivacyConfig, RunConfig
+
+DIM = 20_000
+CLIP = 1.0
+
+
+def _fit(vector: np.ndarray, num_examples: int) -> tuple[None, FitRes]:
+    params = ndarrays_to_parameters([vector.astype(np.float64)])
+    return None, FitRes(Status(Code.OK, ""), params, num_examples, {})
+
+
+def _aggregate(strategy: object, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    results = [_fit(a, 900), _fit(b, 100)]  # site A holds 90 % of the examples
+    params, _ = strategy.aggregate_fit(1, results, [])  # type: ignore[attr-defined]
+    return parameters_to_ndarrays(params)[0]
+
+
+def _strategy(noise: float) -> object:
+    cfg = RunConfig(
+        min_clients=2,
+        privacy=PrivacyConfig(dp="site", noise_multiplier=noise, clipping_norm=CLIP),
+    )
+    initial = ndarrays_to_parameters([np.zeros(DIM)])
+    return build_strategy(cfg, initial, lambda *a: None, lambda r: {}, None, None, 2)
+
+
+def test_one_site_moves_the_aggregate_by_at_most_c_over_m() -> None:
+    rng = np.random.default_rng(0)
+    b = rng.normal(size=DIM) * 0.01
+    a = np.zeros(DIM)
+    direction = rng.normal(size=DIM)
+    a_changed = a + direction / np.linalg.norm(direction) * CLIP  # a change of norm C at A
+    quiet = _strategy(noise=1e-12)
+    moved = np.linalg.norm(_aggregate(quiet, a_changed, b) - _aggregate(quiet, a, b))
+    assert moved == pytest.approx(CLIP / 2, rel=1e-6)  # C/m with m = 2, whatever A holds
+    # The weighted mean FedAvg would compute moves by 0.9*C: what the fix prevents.
+    weighted = FedAvg()
+    moved_weighted = np.linalg.norm(_aggregate(weighted, a_changed, b) - _aggregate(weighted, a, b))
+    assert moved_weighted == pytest.approx(0.9 * CLIP, rel=1e-6)
+
+
+def test_applied_noise_over_sensitivity_is_the_stated_noise_multiplier() -> None:
+    z = 0.8
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=DIM) * 0.01, rng.normal(size=DIM) * 0.01
+    noisy = _aggregate(_strategy(noise=z), a, b)
+    std = float(np.std(noisy - (a + b) / 2))
+    sensitivity = CLIP / 2
+    assert std / sensitivity == pytest.approx(z, rel=0.03)
+
+
+def test_record_lets_anyone_recompute_epsilon_independently() -> None:
+    cfg = RunConfig(privacy=PrivacyConfig(dp="site", noise_multiplier=1.1, delta=1e-5))
+    rounds, sampled, total = 5, 2, 2
+    eps = site_level_epsilon(1.1, sampled / total, rounds, 1e-5)
+    record = privacy_record(cfg, True, True, rounds, eps, sampled, total)["dp"]
+    assert record["aggregation"].startswith("unweighted mean")
+    # Independent: Opacus' RDP accountant (another library) from the record's fields alone.
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(record["noise_multiplier"], record["sampling_rate"], record["rounds"])]
+    independent = accountant.get_epsilon(record["delta"])
+    assert record["epsilon"] == pytest.approx(independent, rel=0.02)
