@@ -79,25 +79,17 @@ def checked(install: Callable[..., Any]) -> Callable[..., Any]:
             raise
         return install(fab_file, *args, **kwargs)
 
-    install_trusted_fab.fedge_checked = True  # type: ignore[attr-defined]
     return install_trusted_fab
 
 
 def guard_clientapp_installs() -> None:
     """Make Flower's ClientApp runner check every FAB before installing it.
 
-    ``flwr.supernode.runtime.run_clientapp`` calls ``install_from_fab`` by its module
-    global; fedge replaces that global with the checking wrapper. If Flower renames it,
-    this fails loudly (the site refuses to start) instead of running unchecked apps.
+    The replacement goes through ``fedge.shared.ml.flower_compat.wrap_fab_install``,
+    which fails loudly (the site refuses to start) if Flower no longer installs FABs
+    that way, instead of running unchecked apps.
     """
-    from flwr.supernode.runtime import run_clientapp as runner
+    from fedge.shared.ml.flower_compat import wrap_fab_install
 
-    original = getattr(runner, "install_from_fab", None)
-    if original is None or not callable(original):
-        raise UntrustedApp(
-            "this Flower version's ClientApp runner has no install_from_fab: fedge cannot "
-            "check the apps it runs, so it refuses to start"
-        )
-    if not getattr(original, "fedge_checked", False):
-        runner.install_from_fab = checked(original)
+    wrap_fab_install(checked)
     installed_fab_hash()  # once, before any fork

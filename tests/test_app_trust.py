@@ -77,7 +77,7 @@ def test_the_guard_checks_before_flower_installs(tmp_path: Path) -> None:
     original = runner.install_from_fab
     try:
         guard_clientapp_installs()
-        assert getattr(runner.install_from_fab, "fedge_checked", False)
+        assert getattr(runner.install_from_fab, "fedge_wrapped", False)
         guard_clientapp_installs()  # idempotent: not wrapped twice
         assert runner.install_from_fab.__wrapped__ is original
     finally:

@@ -36,6 +36,14 @@ Why each internal is used (see also ``docs/flower-seam.md``):
    SuperLink for work up to 1/interval times a second instead of 1/3. Not done:
    patching the SuperLink, or any sleep outside that module.
 
+4. ``flwr.supernode.runtime.run_clientapp``'s module global ``install_from_fab``
+   (replaced in the warm executor's process, inherited by its forked tasks). A
+   ClientApp task unpacks the run's app package (FAB) through it before importing
+   any of its code; fedge wraps it so that a site checks the FAB against the app it
+   installed first (``fedge.client.app_trust``). Flower's own ``--trusted-entities``
+   cannot do this for FABs submitted to an open-source SuperLink (their
+   verifications are always empty), so this is the only point before the code runs.
+
 The Grid wrapper of the ServerApp (``fedge.server.app.PromptGrid``) uses only the
 public ``flwr.server.Grid`` interface; ``check_grid_subclass`` makes sure it still
 implements every abstract method and that Flower's workflows still reach it
@@ -318,3 +326,29 @@ def _functions_of(value: Any, module_name: str) -> list[Any]:
     if isinstance(value, type):
         return [v for v in vars(value).values() if isinstance(v, types.FunctionType)]
     return []
+
+
+# -- 4: the ClientApp runner's FAB install -------------------------------------------------
+
+_CLIENTAPP_RUNNER_MODULE = "flwr.supernode.runtime.run_clientapp"
+
+
+def wrap_fab_install(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Replace the ClientApp runner's ``install_from_fab`` by ``wrap(original)``, once.
+
+    Raises
+    ------
+    RunError
+        The runner no longer installs FABs through that module global: fedge could
+        not check the apps a site runs, so it refuses to go on.
+    """
+    check_version()
+    module = _module(_CLIENTAPP_RUNNER_MODULE)
+    original = getattr(module, "install_from_fab", None)
+    if not callable(original):
+        raise _fail(f"{_CLIENTAPP_RUNNER_MODULE}.install_from_fab is gone")
+    _require_function_using(module, "run_clientapp", ["install_from_fab"])
+    if not getattr(original, "fedge_wrapped", False):
+        wrapped = wrap(original)
+        wrapped.fedge_wrapped = True  # type: ignore[attr-defined]
+        module.install_from_fab = wrapped
