@@ -17,16 +17,14 @@ Composing all runs' events in one accountant is RDP composition, tighter than ad
 the per-run epsilons and still a valid upper bound.
 """
 
-import contextlib
-import fcntl
 import json
 import math
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fedge.shared.atomic import atomic_write_json
+from fedge.shared.atomic import atomic_write_json, exclusive_lock
 from fedge.shared.errors import SecurityError
 
 LEDGER_NAME = "privacy-ledger.json"
@@ -75,16 +73,9 @@ class RunRow:
     epsilon: float
 
 
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> AbstractContextManager[None]:
     """Serialize read-check-append between ClientApp processes of one site."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return exclusive_lock(path.with_name(path.name + ".lock"))
 
 
 def load_ledger(path: Path) -> list[LedgerEntry]:

@@ -7,19 +7,17 @@ and node ids and remembers revoked keys, which Flower never lets back in. See
 README.md, "Security: TLS and site enrollment" for the whole flow.
 """
 
-import contextlib
 import datetime
-import fcntl
 import json
 import logging
 import tempfile
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedge.server.flwr_control import parse_time, remote_nodes, run_flwr
-from fedge.shared.atomic import atomic_write_json
+from fedge.shared.atomic import atomic_write_json, exclusive_lock
 from fedge.shared.enrollment_files import (
     APPROVAL_SUFFIX,
     Approval,
@@ -74,16 +72,9 @@ class SiteRow:
 # --- registry -------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _locked(data_dir: Path) -> Iterator[None]:
+def _locked(data_dir: Path) -> AbstractContextManager[None]:
     """Serialize read-modify-write of the registry between concurrent fedge commands."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / (REGISTRY_NAME + ".lock"), "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return exclusive_lock(data_dir / (REGISTRY_NAME + ".lock"))
 
 
 def _load_registry(data_dir: Path) -> list[dict[str, Any]]:

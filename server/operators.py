@@ -13,19 +13,17 @@ stop, list and follow runs but not register, unregister or list nodes (see
 ``fedge.server.front.allowed``).
 """
 
-import contextlib
-import fcntl
 import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedge.shared.access_files import validate_user_name
-from fedge.shared.atomic import atomic_write_json
+from fedge.shared.atomic import atomic_write_json, exclusive_lock
 from fedge.shared.enrollment_files import utc_now
 from fedge.shared.errors import ConfigError, SecurityError
 
@@ -90,16 +88,9 @@ def token_fingerprint(token: str) -> str:
     return "SHA256:" + _hash(token)[:16]
 
 
-@contextlib.contextmanager
-def _locked(data_dir: Path) -> Iterator[None]:
+def _locked(data_dir: Path) -> AbstractContextManager[None]:
     """Serialize read-modify-write of the credential file between fedge commands."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / (OPERATORS_NAME + ".lock"), "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return exclusive_lock(data_dir / (OPERATORS_NAME + ".lock"))
 
 
 def _load(data_dir: Path) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ the target (``os.replace`` is atomic on POSIX), and the directory is synced so
 the rename itself survives a power cut.
 """
 
+import fcntl
 import json
 import os
 import tempfile
@@ -102,3 +103,20 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+@contextmanager
+def exclusive_lock(lock_path: Path | str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if missing) for the block.
+
+    Serialises read-modify-write of a state file between processes (two CLI commands, the
+    ClientApps of one site, serving workers); the kernel drops the lock if a holder dies.
+    """
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -11,12 +11,10 @@ The choice is recorded as JSON next to the agent's versions, so every serving
 worker and the agent's status report see the same one.
 """
 
-import contextlib
-import fcntl
 import json
 import logging
 import time
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from fedge.edge.device.runtime import EdgeModel, runnable_artifacts, select_artifact
-from fedge.shared.atomic import atomic_write_json
+from fedge.shared.atomic import atomic_write_json, exclusive_lock
 from fedge.shared.bundle import read_manifest, self_test_inputs, verify_bundle
 from fedge.shared.errors import FedgeError
 
@@ -166,16 +164,9 @@ def load_choice(path: Path) -> ArtifactChoice | None:
         return None
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path) -> AbstractContextManager[None]:
     """One measurer at a time: serving workers that start together wait for the first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return exclusive_lock(path)
 
 
 def choose_and_record(

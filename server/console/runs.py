@@ -6,16 +6,14 @@ is going. The console addresses a run by a short hash of its path, never by a pa
 taken from a URL.
 """
 
-import contextlib
-import fcntl
 import hashlib
 import json
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedge.shared.atomic import atomic_write_json
+from fedge.shared.atomic import atomic_write_json, exclusive_lock
 
 RUNS_FILE = "runs.json"
 RUNS_FORMAT = "fedge-runs/1"
@@ -35,15 +33,9 @@ def run_id(run_dir: Path) -> str:
     return hashlib.sha256(str(run_dir).encode("utf-8")).hexdigest()[:12]
 
 
-@contextlib.contextmanager
-def _locked(server_dir: Path) -> Iterator[None]:
-    server_dir.mkdir(parents=True, exist_ok=True)
-    with open(server_dir / (RUNS_FILE + ".lock"), "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+def _locked(server_dir: Path) -> AbstractContextManager[None]:
+    """Serialize read-modify-write of the runs file between fedge commands."""
+    return exclusive_lock(server_dir / (RUNS_FILE + ".lock"))
 
 
 def _load(server_dir: Path) -> list[str]:

@@ -15,19 +15,19 @@ or the whole version, never half of one.
 """
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
 import sqlite3
 import uuid
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from fedge.shared import signing
-from fedge.shared.atomic import fsync_dir, fsync_tree
+from fedge.shared.atomic import exclusive_lock, fsync_dir, fsync_tree
 from fedge.shared.errors import RegistryError, SecurityError
 from fedge.shared.fleet_protocol import (
     CHANNEL_RE,
@@ -208,15 +208,9 @@ class Registry:
         """A new connection to this registry's database (one per thread or request)."""
         return connect(self.data_dir)
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> AbstractContextManager[None]:
         """Serialise writers (two CLI publishes at once) with an exclusive file lock."""
-        with open(self.data_dir / ".lock", "a+") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return exclusive_lock(self.data_dir / ".lock")
 
     def _sweep(self) -> None:
         """Remove what an interrupted publish left: staging dirs and unrecorded versions."""
