@@ -14,7 +14,7 @@ image="${FEDGE_EDGE_IMAGE:-localhost/fedge-edge:check}"
 name="fedge-edge-check-$$"
 stage=""
 cleanup() {
-    pm rm -f "$name" >/dev/null 2>&1 || true
+    pm rm -f -v "$name" >/dev/null 2>&1 || true
     if [ -n "$stage" ]; then rm -rf "$stage"; fi
 }
 trap cleanup EXIT

@@ -31,8 +31,18 @@ if [ "$(id -u)" != 0 ]; then
     exit 77
 fi
 
+# Can this machine run a container at all? (Not, for example, inside an unprivileged container.)
+probe() {
+    local out
+    if ! out=$(fedge_run --rm "$FEDGE_BASE_IMAGE" python3 -c 'print("ok")' 2>&1); then
+        echo "skip: podman cannot run a container on this machine: $(echo "$out" | tail -1)" >&2
+        exit 77
+    fi
+}
+
 if pm image exists "$FEDGE_BASE_IMAGE"; then
     echo "base image $FEDGE_BASE_IMAGE exists"
+    probe
     exit 0
 fi
 
@@ -58,3 +68,4 @@ tar -C "$rootfs" -c --exclude=./.fedge-complete --exclude='./var/cache/apt/*' \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' - "$FEDGE_BASE_IMAGE" >/dev/null
 echo "base image $FEDGE_BASE_IMAGE: $(image_mb "$FEDGE_BASE_IMAGE") MB"
+probe

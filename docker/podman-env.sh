@@ -28,9 +28,11 @@ fedge_build() {
         -f "$FEDGE_REPO/docker/$dockerfile" -t "$tag" "$FEDGE_REPO"
 }
 
-# fedge_run [RUN ARGS...] IMAGE [CMD...]: setrlimit is refused here without explicit ulimits.
+# fedge_run [RUN ARGS...] IMAGE [CMD...]: setrlimit is refused here without explicit ulimits;
+# podman runs HEALTHCHECKs with systemd timers, which these machines lack (the scripts poll).
 fedge_run() {
-    pm run --network host --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 "$@"
+    pm run --network host --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 --no-healthcheck \
+        "$@"
 }
 
 # A free TCP port on 127.0.0.1 (the containers share the host's network).

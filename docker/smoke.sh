@@ -41,9 +41,12 @@ cleanup() {
         done
         step_report >&2 || true
     fi
-    for s in "${SERVICES[@]}"; do pm rm -f -t 5 "$P-$s" >/dev/null 2>&1 || true; done
+    for s in "${SERVICES[@]}"; do pm rm -f -v -t 5 "$P-$s" >/dev/null 2>&1 || true; done
     if [ "${FEDGE_SMOKE_KEEP:-0}" != 1 ]; then
-        pm volume ls --format '{{.Name}}' | grep "^$P-" | xargs -r pm volume rm -f >/dev/null
+        local v
+        for v in $(pm volume ls --format '{{.Name}}' | grep "^$P-" || true); do
+            pm volume rm -f "$v" >/dev/null || true
+        done
         rm -rf "$WORK"
     fi
     exit "$rc"
@@ -92,9 +95,16 @@ until_true() {
 # ------------------------------------------------------------------ images
 step "base image (debootstrap + podman import, cached)" bash "$FEDGE_REPO/docker/podman-base.sh"
 torch_args=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX" --build-arg "TORCH_PACKAGES=$TORCH_PACKAGES")
-step "build fedge-server" fedge_build Dockerfile.server "$SERVER_IMAGE" "${torch_args[@]}"
-step "build fedge-client" fedge_build Dockerfile.client "$CLIENT_IMAGE" "${torch_args[@]}"
-step "build fedge-edge" fedge_build Dockerfile.edge "$EDGE_IMAGE"
+# build LOG DOCKERFILE TAG [ARGS...]: the build's output goes to a log; its tail on failure.
+build() {
+    local log="$WORK/$1"
+    shift
+    echo "    log: $log"
+    fedge_build "$@" >"$log" 2>&1 || { tail -40 "$log" >&2; return 1; }
+}
+step "build fedge-server" build server-build.log Dockerfile.server "$SERVER_IMAGE" "${torch_args[@]}"
+step "build fedge-client" build client-build.log Dockerfile.client "$CLIENT_IMAGE" "${torch_args[@]}"
+step "build fedge-edge" build edge-build.log Dockerfile.edge "$EDGE_IMAGE"
 sizes() {
     local image
     for image in "$FEDGE_BASE_IMAGE" "$SERVER_IMAGE" "$CLIENT_IMAGE" "$EDGE_IMAGE"; do
@@ -147,9 +157,8 @@ approve() {
 online() {
     in_server fedge server clients | grep -E "$1 .*online"
 }
-step "client containers start and ask to enroll" bash -c "true"
-step "  client-1 container" start_client client-1
-step "  client-2 container" start_client client-2
+step "client-1 container: asks to enroll, waits" start_client client-1
+step "client-2 container: asks to enroll, waits" start_client client-2
 step "approve site-1 on the server" approve site-1
 step "approve site-2 on the server" approve site-2
 step "both sites online" until_true 180 "both sites online" \
