@@ -23,7 +23,9 @@ rc=0
 bash "$FEDGE_REPO/docker/podman-base.sh" || rc=$?
 if [ "$rc" != 0 ]; then exit "$rc"; fi
 
-step "build the edge image ($image)" fedge_build Dockerfile.edge "$image"
+# FEDGE_EDGE_EXTRA=edge-onnx builds the ONNX-only variant (no LiteRT).
+step "build the edge image ($image)" fedge_build Dockerfile.edge "$image" \
+    --build-arg "EDGE_EXTRA=${FEDGE_EDGE_EXTRA:-edge}"
 echo "edge image: $(image_mb "$image") MB, base $FEDGE_BASE_IMAGE: $(image_mb "$FEDGE_BASE_IMAGE") MB"
 
 check_packages() {
