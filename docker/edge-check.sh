@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the edge image and get one prediction from it (what CI runs, tests/test_docker_images.py):
+# Build the edge image and get one prediction from it (what CI runs: tests/test_docker_edge_image.py):
 #   docker/edge-check.sh BUNDLE_DIR SIGNING_PUB REQUEST_JSON
 # Builds the local base if missing (docker/podman-base.sh), builds docker/Dockerfile.edge on it,
 # checks with `pip list` that the image holds no torch, flwr or scikit-learn, serves BUNDLE_DIR
