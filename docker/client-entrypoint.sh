@@ -10,6 +10,10 @@ set -eu
 SITE_DIR="${FEDGE_HOME:-/var/lib/fedge}/sites/$FEDGE_SITE"
 ENROLL="${FEDGE_ENROLL_DIR:-/enroll}"
 
+# Until `exec` below, this shell is the container's PID 1, which ignores SIGTERM unless it
+# traps it: without the trap `docker stop` would wait its whole timeout while a site waits.
+trap 'exit 143' TERM INT
+
 if [ ! -f "$SITE_DIR/.approved" ]; then
     if [ ! -f "$SITE_DIR/$FEDGE_SITE.enroll.json" ]; then
         fedge client enroll --server "$FEDGE_SERVER" --name "$FEDGE_SITE"

@@ -1,4 +1,5 @@
-"""The docker/ files: hadolint is clean, and every ``fedge`` command they run exists in the CLI."""
+"""The docker/ files: hadolint is clean, every ``fedge`` command they run exists in the CLI, and
+the smoke script (docker/smoke.sh) runs compose's own services."""
 
 import functools
 import json
@@ -50,8 +51,15 @@ def _split_commands(script: str) -> list[list[str]]:
     found = []
     for line in text.splitlines():
         for part in re.split(r"&&|\|\||;|\|", line):
-            words = shlex.split(part.strip(), comments=True)
-            while words and words[0] in ("exec", "test", "!"):
+            try:
+                words = shlex.split(part.strip(), comments=True)
+            except ValueError:  # a quoted multi-line program (python3 -c '...'), not a command
+                assert not re.search(r"\bfedge\b(?![-_.])", part), f"cannot parse: {part}"
+                continue
+            if words[:1] == ["step"]:  # docker/smoke.sh: step "WHAT" COMMAND...
+                words = words[2:]
+            # `in_server fedge ...` is docker/smoke.sh's `docker compose exec server fedge ...`.
+            while words and words[0] in ("exec", "test", "!", "in_server"):
                 words = words[1:]
             if words and words[0] == "fedge":
                 found.append(words[1:])
@@ -142,6 +150,10 @@ def test_commands_were_found() -> None:
     heads = {tuple(c[:2]) for c in COMMANDS}
     assert {("server", "start"), ("edge", "agent"), ("edge", "serve")} <= heads
     assert {("client", "enroll"), ("client", "start"), ("registry", "device")} <= heads
+    # docker/smoke.sh's steps on the server container
+    assert {("server", "approve"), ("run",), ("export",), ("registry", "publish")} <= {
+        tuple(c[:2]) if c[0] not in ("run", "export") else (c[0],) for c in COMMANDS
+    }
 
 
 @pytest.mark.parametrize("words", COMMANDS, ids=lambda w: " ".join(w[:3]))
@@ -152,3 +164,71 @@ def test_command_exists_in_the_cli(words: list[str]) -> None:
     if isinstance(root, str):
         pytest.skip(root)
     _check(root, words)
+
+
+# -------------------------------------------------------------------- smoke script vs compose
+
+
+def _compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def _compose_steps(field: str, service: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(DOCKER / "compose_steps.py"), field, service],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_smoke_script_runs_every_compose_service() -> None:
+    """docker/smoke.sh takes each service's command, environment and volumes from compose."""
+    smoke = (DOCKER / "smoke.sh").read_text()
+    services = set(_compose()["services"])
+    assert services == {"server", "provision", "client-1", "client-2", "edge-1"}
+    used = set(re.findall(r"(?:volumes_of|environment_of|start_client) ([a-z0-9-]+)", smoke))
+    used |= set(re.findall(r'STEPS_PY\[@\]}" (?:command|script) ([a-z0-9-]+)', smoke))
+    assert used == services, f"smoke.sh runs {sorted(used)}, compose has {sorted(services)}"
+    assert '$("${STEPS_PY[@]}" command server)' in smoke
+    assert '$("${STEPS_PY[@]}" script provision)' in smoke
+
+
+def test_compose_steps_reads_what_compose_says() -> None:
+    compose = _compose()["services"]
+    assert shlex.split(_compose_steps("command", "server")) == compose["server"]["command"]
+    assert _compose_steps("script", "provision") == compose["provision"]["command"][0]
+    for name in ("client-1", "client-2", "edge-1"):
+        env = dict(line.split("=", 1) for line in _compose_steps("environment", name).split())
+        assert env == {k: str(v) for k, v in compose[name]["environment"].items()}
+        assert _compose_steps("volumes", name).split() == compose[name]["volumes"]
+    bad = subprocess.run(
+        [sys.executable, str(DOCKER / "compose_steps.py"), "command", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode != 0 and "no service 'nope'" in bad.stderr
+
+
+def _prefix(dockerfile: str) -> list[str]:
+    """Instructions up to and including the torch install (the layers worth sharing)."""
+    lines = (DOCKER / dockerfile).read_text().splitlines()
+    code = [line for line in lines if line and not line.startswith("#")]
+    end = next(i for i, line in enumerate(code) if "TORCH_PACKAGES}" in line)
+    return code[: end + 1]
+
+
+def test_server_and_client_share_their_torch_layers() -> None:
+    """Same base, args and steps up to torch: Docker and podman build that layer once."""
+    assert _prefix("Dockerfile.server") == _prefix("Dockerfile.client")
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_base_image_is_a_build_argument_defaulting_to_python_slim(dockerfile: Path) -> None:
+    text = dockerfile.read_text()
+    assert "ARG BASE_IMAGE=python:3.11-slim\n" in text
+    froms = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
+    assert froms and all(f == "${BASE_IMAGE}" for f in froms)
