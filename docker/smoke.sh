@@ -167,7 +167,8 @@ step "both sites online" until_true 180 "both sites online" \
 # ------------------------------------------------------------------ run, export, publish
 RUN=/var/lib/fedge/runs/smoke
 step "fedge run: digits / cnn, $ROUNDS rounds, 2 sites" in_server fedge run \
-    --config /opt/fedge/examples/run.toml --server "127.0.0.1:$SL" --out "$RUN" --rounds "$ROUNDS"
+    --config /opt/fedge/examples/run.toml --server "127.0.0.1:$SL" --out "$RUN" --rounds "$ROUNDS" \
+    --token-file /var/lib/fedge/admin.token
 step "fedge export (on the server)" in_server fedge export "$RUN"
 publish() {
     in_server fedge registry publish "$RUN/bundle" --channel stable | tee "$WORK/publish.txt"
