@@ -272,7 +272,17 @@ def _ms(value: float | None) -> str:
 
 def fleet_table(views: "list[DeviceView]") -> Table:
     """The rich table ``fedge fleet list`` prints (the demo prints it too)."""
-    table = Table("device", "state", "channel", "active", "health", "last seen", "p50 ms", "p99 ms")
+    table = Table(
+        "device",
+        "state",
+        "channel",
+        "active",
+        "artifact",
+        "health",
+        "last seen",
+        "p50 ms",
+        "p99 ms",
+    )
     for v in views:
         ago = v.seen_ago_s()
         table.add_row(
@@ -280,6 +290,7 @@ def fleet_table(views: "list[DeviceView]") -> Table:
             v.state,
             _safe(v.channel),
             _safe(v.active_version),
+            _safe(v.detail.get("artifact")),
             _safe(v.health),
             "never" if ago is None else f"{ago:.0f}s ago",
             _ms(v.latency_p50_ms),

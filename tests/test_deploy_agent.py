@@ -1,5 +1,6 @@
 """Registry API over TLS + real agents on loopback: updates, refusals, rollbacks, auth."""
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import pytest
 from deploy_support import ServerThread, make_bundle, make_keys, tamper_artifact
 
 from fedge.edge.device.agent import AgentConfig, default_health_check, run_agent_once
+from fedge.edge.device.selection import CHOICE_FILE
 from fedge.server.registry.api import create_app
 from fedge.server.registry.devices import DeviceStore
 from fedge.server.registry.fleet import device_view, fleet
@@ -85,6 +87,12 @@ def test_two_agents_update_and_follow_channel_rollback(env: Env) -> None:
         "cam-2": ("v1", "ok", "online"),
     }
     assert rows["cam-1"].latency_p50_ms is not None and rows["cam-1"].latency_p99_ms is not None
+    # The agent measured the verified artifacts on the device and recorded the fastest: `edge
+    # serve --agent-dir` reuses that file, and the fleet view shows the choice.
+    choice = json.loads((env.tmp / "devices" / "cam-1" / CHOICE_FILE).read_text())
+    assert choice["version"] == "v1" and choice["reason"] in ("fastest", "only-candidate")
+    assert rows["cam-1"].detail["artifact"] == choice["file"]
+    assert rows["cam-1"].detail["artifact_reason"] == choice["reason"]
 
     env.publish("v2", seed=2)
     assert [env.poll(n).active_version for n in ("cam-1", "cam-2")] == ["v2", "v2"]

@@ -31,6 +31,7 @@ import httpx
 import numpy as np
 
 from fedge.edge.device.activation import AgentDir
+from fedge.edge.device.selection import CHOICE_FILE, choose_and_record
 from fedge.shared.bundle import MANIFEST, self_test_inputs, unpack_bundle, verify_bundle
 from fedge.shared.errors import BundleError, ConnectionFailed, FedgeError, SecurityError
 from fedge.shared.fleet_protocol import (
@@ -126,11 +127,14 @@ def default_health_check(bundle_dir: Path, trusted_key: Path) -> None:
             )
 
 
-def measure_latency(bundle_dir: Path, trusted_key: Path, runs: int = 30) -> dict[str, float]:
-    """p50/p99 ms of one-example predictions of the default artifact on the self-test inputs."""
+def measure_latency(
+    bundle_dir: Path, trusted_key: Path, runs: int = 30, artifact: str | None = None
+) -> dict[str, float]:
+    """p50/p99 ms of one-example predictions of ``artifact`` (default: the runtime's
+    default) on the self-test inputs."""
     from fedge.edge.device.runtime import EdgeModel
 
-    with EdgeModel.open(bundle_dir, trusted_key) as model:
+    with EdgeModel.open(bundle_dir, trusted_key, artifact=artifact) as model:
         inputs = self_test_inputs(model.manifest)
         times = []
         for i in range(runs):
@@ -367,9 +371,17 @@ class Agent:
         except FedgeError as e:
             return self._roll_back(statement, previous, state, e)
         try:
-            state["latency"] = measure_latency(self.dir.current_link, self.config.trusted_key)
-        except Exception as e:  # a figure for the fleet view; never a reason to roll back
-            log.warning("could not measure latency of %s: %s", version, e)
+            # Measure the verified artifacts here, on the device, once per version: `edge
+            # serve --agent-dir` serves the recorded fastest one, and the fleet view shows it.
+            choice = choose_and_record(
+                self.dir.current_link, self.config.trusted_key, self.dir.root / CHOICE_FILE
+            )
+            state["artifact"] = {"file": choice.file, "reason": choice.reason}
+            state["latency"] = measure_latency(
+                self.dir.current_link, self.config.trusted_key, artifact=choice.file
+            )
+        except Exception as e:  # figures for the fleet view; never a reason to roll back
+            log.warning("could not measure the artifacts of %s: %s", version, e)
         state["previous"] = previous
         state["highest_release"] = max(int(state.get("highest_release", 0)), statement.release)
         state["task"] = statement.task
@@ -478,6 +490,8 @@ class Agent:
                 "action": result.action,
                 "wanted": result.wanted_version,
                 "latency_source": source if latency else None,
+                "artifact": (state.get("artifact") or {}).get("file"),
+                "artifact_reason": (state.get("artifact") or {}).get("reason"),
             },
         )
         try:

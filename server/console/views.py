@@ -224,5 +224,6 @@ def fleet_view(registry_dir: Path) -> list[dict[str, Any]]:
         row["up_to_date"] = target is not None and target == device.active_version
         ago = device.seen_ago_s()
         row["seen_ago"] = "" if ago is None else f"{ago:.0f} s ago"
+        row["artifact"] = device.detail.get("artifact")  # the fastest verified, as measured
         rows.append(row)
     return rows
