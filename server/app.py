@@ -98,7 +98,7 @@ class PromptGrid(Grid):
                 time.sleep(self._interval)
         kinds = sorted({m.metadata.message_type for m in messages})
         events.emit(
-            "exchange",
+            events.Event.EXCHANGE,
             poll="prompt",
             interval=self._interval,
             type="+".join(kinds),

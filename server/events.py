@@ -28,6 +28,7 @@ class Event(StrEnum):
     ROUND = "round"  # a round is recorded: its metrics.jsonl line (also when recovered)
     DONE = "done"  # summary.json is written
     ERROR = "error"  # the run failed with a user-facing error
+    EXCHANGE = "exchange"  # one push-and-pull of messages with the sites (its timings)
 
 
 def emit(kind: Event, **fields: Any) -> None:

@@ -351,4 +351,4 @@ def wrap_fab_install(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -
     if not getattr(original, "fedge_wrapped", False):
         wrapped = wrap(original)
         wrapped.fedge_wrapped = True  # type: ignore[attr-defined]
-        module.install_from_fab = wrapped
+        setattr(module, "install_from_fab", wrapped)  # noqa: B010  (a module global)
