@@ -20,7 +20,7 @@ from fedge.shared.errors import ConfigError
 from fedge.shared.model_names import check_model_name
 from fedge.shared.tasks import BUILTIN_TASKS, USER_TASKS
 
-MODES = ("full", "head")
+MODES = ("full", "head", "lora")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 DP_LEVELS = ("none", "record", "site")
 
@@ -52,6 +52,12 @@ class RunConfig:
     model: str = "cnn"
     init_weights: str = ""
     mode: str = "full"
+    # LoRA (mode "lora"): adapter rank, scale alpha, dropout, and the module names to adapt
+    # (comma-separated; empty: every Linear and Conv2d of the backbone).
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = ""
     strategy: str = "fedavg"
     num_rounds: int = 3
     local_epochs: int = 1
@@ -96,6 +102,12 @@ class RunConfig:
                 errors.append(f"{name.replace('_', '-')} must be at least 1")
         if self.lr <= 0:
             errors.append("lr must be positive")
+        if self.lora_rank < 1:
+            errors.append("lora-rank must be at least 1")
+        if self.lora_alpha <= 0:
+            errors.append("lora-alpha must be positive")
+        if not 0 <= self.lora_dropout < 1:
+            errors.append("lora-dropout must be in [0, 1)")
         if not 0 < self.fraction_train <= 1:
             errors.append("fraction-train must be in (0, 1]")
         if self.task in USER_TASKS and not self.classes:
