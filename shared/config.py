@@ -22,6 +22,8 @@ from fedge.shared.tasks import BUILTIN_TASKS, USER_TASKS
 
 MODES = ("full", "head", "lora")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+# Flower's Byzantine-robust aggregators: they need each site's update, not only the sum.
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 DP_LEVELS = ("none", "record", "site")
 
 
@@ -68,6 +70,10 @@ class RunConfig:
     fraction_train: float = 1.0
     proximal_mu: float = 0.01
     server_lr: float = 0.01
+    # Robust strategies: how many sites may be Byzantine (Krum, MultiKrum, Bulyan), and the
+    # fraction FedTrimmedAvg cuts from each end.
+    byzantine_sites: int = 1
+    trim_fraction: float = 0.2
     federated_eval: bool = True
     server_eval: bool = True
     eval_data: str = ""  # data spec for server-side evaluation; default: the task's test split
@@ -91,10 +97,10 @@ class RunConfig:
             errors.append(str(e))
         if self.mode not in MODES:
             errors.append(f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
-        if self.strategy not in STRATEGIES:
-            errors.append(
-                f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}"
-            )
+        if self.strategy not in STRATEGIES + ROBUST_STRATEGIES:
+            known = ", ".join(STRATEGIES + ROBUST_STRATEGIES)
+            errors.append(f"unknown strategy {self.strategy!r}; choose one of: {known}")
+        errors.extend(self._robust_errors())
         if self.privacy.dp not in DP_LEVELS:
             errors.append(f"unknown dp level {self.privacy.dp!r}; choose one of: {DP_LEVELS}")
         for name in ("num_rounds", "local_epochs", "batch_size", "min_clients"):
@@ -117,6 +123,37 @@ class RunConfig:
         if errors:
             # Validators collect every failure, then raise once.
             raise ConfigError("; ".join(errors))
+
+    def _robust_errors(self) -> list[str]:
+        """Robust aggregation composes with DP-SGD on sites; not with SecAgg+ or site DP."""
+        if self.strategy not in ROBUST_STRATEGIES:
+            return []
+        errors = []
+        if self.privacy.secagg:
+            errors.append(
+                f"strategy {self.strategy!r} cannot run with SecAgg+: the server sees only the "
+                "sum of the updates, and a robust aggregate needs each one"
+            )
+        if self.privacy.dp == "site":
+            errors.append(
+                f"strategy {self.strategy!r} cannot run with site-level DP: its noise is "
+                "calibrated to the clipped mean, and the stated epsilon would not hold for "
+                f"{self.strategy}; use dp = 'record' (DP-SGD on each site)"
+            )
+        f = self.byzantine_sites
+        if f < 0:
+            errors.append("byzantine-sites must be at least 0")
+        need = {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(
+            self.strategy, 0
+        )
+        if self.min_clients < need:
+            errors.append(
+                f"strategy {self.strategy!r} with byzantine-sites {f} needs min-clients of at "
+                f"least {need}"
+            )
+        if not 0 <= self.trim_fraction < 0.5:
+            errors.append("trim-fraction must be in [0, 0.5)")
+        return errors
 
     # --- Flower run config (flat, kebab-case) -------------------------------------------
 
