@@ -31,7 +31,7 @@ def main() -> None:
         print(f"{name:<22}{'full':<10}{full:>14,}{1:>10.2%}")
         for rank in args.ranks:
             cfg = RunConfig(task=args.task, model=name, mode="lora", lora_rank=rank,
-                            lora_alpha=2.0 * rank)  # fmt: skip
+                            lora_alpha=2 * rank)  # fmt: skip
             lora = exchanged_bytes(cfg)
             print(f"{name:<22}{f'lora r={rank}':<10}{lora:>14,}{lora / full:>10.2%}")
 

@@ -57,7 +57,7 @@ class RunConfig:
     # LoRA (mode "lora"): adapter rank, scale alpha, dropout, and the module names to adapt
     # (comma-separated; empty: every Linear and Conv2d of the backbone).
     lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: str = ""
     strategy: str = "fedavg"

@@ -266,7 +266,7 @@ def add_lora(model: nn.Module, cfg: RunConfig) -> nn.Module:
         modules_to_save=[head_path(model, cfg.model)],
     )
     try:
-        return get_peft_model(model, config)  # type: ignore[no-any-return]
+        return get_peft_model(model, config)
     except ValueError as e:  # PEFT: a target that matches nothing, or an unsupported layer
         raise ModelError(f"cannot add LoRA adapters to model {cfg.model!r}: {e}") from e
 
@@ -277,7 +277,7 @@ def merged(model: nn.Module) -> nn.Module:
     The edge artifact then has the base model's ops and its int8 path.
     """
     merge = getattr(model, "merge_and_unload", None)
-    return merge() if callable(merge) else model  # type: ignore[no-any-return]
+    return merge() if callable(merge) else model
 
 
 def exchanged_keys(model: nn.Module, mode: str) -> list[str]:
