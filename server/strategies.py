@@ -1,4 +1,8 @@
-"""Choose and configure one of Flower's strategies for a run (FedAvg, FedProx, FedAdam).
+"""Choose and configure one of Flower's strategies for a run.
+
+FedAvg, FedProx, FedAdam, and Flower's Byzantine-robust aggregators (FedMedian,
+FedTrimmedAvg, Krum, MultiKrum as Krum keeping several updates, Bulyan); the config
+refuses the robust ones with SecAgg+ and site-level DP (``RunConfig._robust_errors``).
 
 fedge runs every federation through Flower's legacy workflow (``LegacyContext``
 + ``DefaultWorkflow``) because SecAgg+ exists only there in flwr 1.42; using it
@@ -21,13 +25,18 @@ from typing import Any
 from flwr.common import FitRes, MetricsAggregationFn, Parameters, Scalar
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import (
+    Bulyan,
     DifferentialPrivacyClientSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
+    Krum,
     Strategy,
 )
 
+from fedge.shared.config import ROBUST_STRATEGIES as ROBUST
 from fedge.shared.config import RunConfig
 
 EvaluateFn = Callable[[int, Any, dict[str, Any]], tuple[float, dict[str, Any]] | None]
@@ -103,6 +112,8 @@ def build_strategy(
         strategy = FedProx(proximal_mu=cfg.proximal_mu, **common)
     elif cfg.strategy == "fedadam":
         strategy = FedAdam(eta=cfg.server_lr, eta_l=cfg.lr, **common)
+    elif cfg.strategy in ROBUST:
+        strategy = _robust_strategy(cfg, common)
     else:
         strategy = FedAvg(**common)
     if cfg.privacy.dp == "site":
@@ -113,3 +124,19 @@ def build_strategy(
             num_sampled_clients=num_sampled_clients,
         )
     return strategy
+
+
+def _robust_strategy(cfg: RunConfig, common: dict[str, Any]) -> Strategy:
+    """Flower's robust aggregators; MultiKrum averages the ``min_clients - f`` best updates."""
+    f = cfg.byzantine_sites
+    if cfg.strategy == "fedmedian":
+        return FedMedian(**common)
+    if cfg.strategy == "fedtrimmedavg":
+        return FedTrimmedAvg(beta=cfg.trim_fraction, **common)
+    if cfg.strategy == "krum":
+        return Krum(num_malicious_clients=f, num_clients_to_keep=0, **common)
+    if cfg.strategy == "multikrum":
+        keep = max(cfg.min_clients - f, 1)
+        return Krum(num_malicious_clients=f, num_clients_to_keep=keep, **common)
+    # Bulyan picks its candidates with Krum, which needs its own keyword (0: one at a time).
+    return Bulyan(num_malicious_clients=f, to_keep=0, **common)

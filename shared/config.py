@@ -20,8 +20,10 @@ from fedge.shared.errors import ConfigError
 from fedge.shared.model_names import check_model_name
 from fedge.shared.tasks import BUILTIN_TASKS, USER_TASKS
 
-MODES = ("full", "head")
+MODES = ("full", "head", "lora")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+# Flower's Byzantine-robust aggregators: they need each site's update, not only the sum.
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 DP_LEVELS = ("none", "record", "site")
 
 
@@ -52,6 +54,12 @@ class RunConfig:
     model: str = "cnn"
     init_weights: str = ""
     mode: str = "full"
+    # LoRA (mode "lora"): adapter rank, scale alpha, dropout, and the module names to adapt
+    # (comma-separated; empty: every Linear and Conv2d of the backbone).
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: str = ""
     strategy: str = "fedavg"
     num_rounds: int = 3
     local_epochs: int = 1
@@ -62,6 +70,10 @@ class RunConfig:
     fraction_train: float = 1.0
     proximal_mu: float = 0.01
     server_lr: float = 0.01
+    # Robust strategies: how many sites may be Byzantine (Krum, MultiKrum, Bulyan), and the
+    # fraction FedTrimmedAvg cuts from each end.
+    byzantine_sites: int = 1
+    trim_fraction: float = 0.2
     federated_eval: bool = True
     server_eval: bool = True
     eval_data: str = ""  # data spec for server-side evaluation; default: the task's test split
@@ -85,10 +97,10 @@ class RunConfig:
             errors.append(str(e))
         if self.mode not in MODES:
             errors.append(f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
-        if self.strategy not in STRATEGIES:
-            errors.append(
-                f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}"
-            )
+        if self.strategy not in STRATEGIES + ROBUST_STRATEGIES:
+            known = ", ".join(STRATEGIES + ROBUST_STRATEGIES)
+            errors.append(f"unknown strategy {self.strategy!r}; choose one of: {known}")
+        errors.extend(self._robust_errors())
         if self.privacy.dp not in DP_LEVELS:
             errors.append(f"unknown dp level {self.privacy.dp!r}; choose one of: {DP_LEVELS}")
         for name in ("num_rounds", "local_epochs", "batch_size", "min_clients"):
@@ -96,6 +108,12 @@ class RunConfig:
                 errors.append(f"{name.replace('_', '-')} must be at least 1")
         if self.lr <= 0:
             errors.append("lr must be positive")
+        if self.lora_rank < 1:
+            errors.append("lora-rank must be at least 1")
+        if self.lora_alpha <= 0:
+            errors.append("lora-alpha must be positive")
+        if not 0 <= self.lora_dropout < 1:
+            errors.append("lora-dropout must be in [0, 1)")
         if not 0 < self.fraction_train <= 1:
             errors.append("fraction-train must be in (0, 1]")
         if self.task in USER_TASKS and not self.classes:
@@ -105,6 +123,37 @@ class RunConfig:
         if errors:
             # Validators collect every failure, then raise once.
             raise ConfigError("; ".join(errors))
+
+    def _robust_errors(self) -> list[str]:
+        """Robust aggregation composes with DP-SGD on sites; not with SecAgg+ or site DP."""
+        if self.strategy not in ROBUST_STRATEGIES:
+            return []
+        errors = []
+        if self.privacy.secagg:
+            errors.append(
+                f"strategy {self.strategy!r} cannot run with SecAgg+: the server sees only the "
+                "sum of the updates, and a robust aggregate needs each one"
+            )
+        if self.privacy.dp == "site":
+            errors.append(
+                f"strategy {self.strategy!r} cannot run with site-level DP: its noise is "
+                "calibrated to the clipped mean, and the stated epsilon would not hold for "
+                f"{self.strategy}; use dp = 'record' (DP-SGD on each site)"
+            )
+        f = self.byzantine_sites
+        if f < 0:
+            errors.append("byzantine-sites must be at least 0")
+        need = {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(
+            self.strategy, 0
+        )
+        if self.min_clients < need:
+            errors.append(
+                f"strategy {self.strategy!r} with byzantine-sites {f} needs min-clients of at "
+                f"least {need}"
+            )
+        if not 0 <= self.trim_fraction < 0.5:
+            errors.append("trim-fraction must be in [0, 0.5)")
+        return errors
 
     # --- Flower run config (flat, kebab-case) -------------------------------------------
 

@@ -97,12 +97,12 @@ def image_task(
     channels: int,
     model: str,
 ) -> TaskSpec:
-    """An image task; torchvision backbones get ImageNet normalisation and 3 channels."""
-    from fedge.shared.model_names import is_torchvision
+    """An image task; torchvision and timm backbones get ImageNet normalisation and 3 channels."""
+    from fedge.shared.model_names import imagenet_backbone
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    if is_torchvision(model):
+    if imagenet_backbone(model):
         channels = 3
         mean, std = tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
     else:

@@ -126,9 +126,12 @@ def resolve_checkpoint(path: Path | str) -> Path:
 
 
 def load_model_from_checkpoint(ckpt: Checkpoint) -> nn.Module:
-    """Rebuild the model a checkpoint was taken from and load its weights."""
+    """Rebuild the model a checkpoint was taken from and load its weights.
+
+    LoRA adapters are merged into the base weights: the result is a plain model.
+    """
     from fedge.shared.config import RunConfig
-    from fedge.shared.ml.models import build_run_model
+    from fedge.shared.ml.models import build_run_model, merged
 
     cfg = RunConfig.from_flower(ckpt.config)
     model = build_run_model(cfg, ckpt.task, load_weights=False)
@@ -136,4 +139,4 @@ def load_model_from_checkpoint(ckpt: Checkpoint) -> nn.Module:
         model.load_state_dict(ckpt.state_dict)
     except RuntimeError as e:
         raise ModelError(f"checkpoint {ckpt.path} does not fit model {ckpt.model!r}: {e}") from e
-    return model.eval()
+    return merged(model).eval()

@@ -21,7 +21,7 @@ import numpy as np
 
 from fedge.shared.config import RunConfig
 from fedge.shared.errors import DataError
-from fedge.shared.model_names import TORCHVISION_MIN_SIZE, is_torchvision
+from fedge.shared.model_names import TORCHVISION_MIN_SIZE, imagenet_backbone
 from fedge.shared.tasks import BUILTIN_TASKS, TabularPreprocessing, TaskSpec, image_task
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -260,7 +260,7 @@ DEFAULT_USER_IMAGE_SIZE = 64
 def task_for_run(cfg: RunConfig) -> TaskSpec:
     """The task of a run. Built-in tabular statistics come from the public split."""
     if cfg.task == "digits":
-        size = cfg.image_size or (TORCHVISION_MIN_SIZE if is_torchvision(cfg.model) else 8)
+        size = cfg.image_size or (TORCHVISION_MIN_SIZE if imagenet_backbone(cfg.model) else 8)
         return image_task("digits", tuple(str(c) for c in range(10)), size, 1, cfg.model)
     if cfg.task == "images":
         size = cfg.image_size or DEFAULT_USER_IMAGE_SIZE
@@ -282,7 +282,7 @@ def task_for_run(cfg: RunConfig) -> TaskSpec:
 
 
 def _min_size(model: str) -> int:
-    return TORCHVISION_MIN_SIZE if is_torchvision(model) else 8
+    return TORCHVISION_MIN_SIZE if imagenet_backbone(model) else 8
 
 
 def _standardise(columns: tuple[str, ...], rows: np.ndarray) -> TabularPreprocessing:

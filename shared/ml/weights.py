@@ -4,7 +4,9 @@ Accepted: a torch ``state_dict`` (``.pt``/``.pth``/``.bin``, loaded with
 ``weights_only=True``: no pickled code runs), a ``.safetensors`` file, or a
 fedge checkpoint. torchvision's published ``.pth`` files load as they are: when
 the file's classifier head has another number of classes than the task, the
-backbone is loaded and the task gets a new head. Nothing is ever downloaded.
+backbone is loaded and the task gets a new head. Key prefixes that training wrappers
+add (``module.`` from DataParallel, ``model.`` from Lightning-style wrappers) are
+stripped when that makes the file fit. Nothing is ever downloaded.
 """
 
 import logging
@@ -19,6 +21,7 @@ from fedge.shared.ml.models import head_keys
 
 log = logging.getLogger(__name__)
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+_WRAPPER_PREFIXES = ("module.", "model.")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class InitReport:
     path: str
     loaded_keys: int
     new_head: bool
+    unexpected: tuple[str, ...] = ()
 
 
 def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
@@ -61,7 +65,7 @@ def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not state:
         raise ModelError(f"weights file {path} holds no state_dict")
-    tensors = {str(k).removeprefix("module."): v for k, v in state.items()}
+    tensors = {str(k): v for k, v in state.items()}
     if not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise ModelError(f"weights file {path} holds values that are not tensors")
     return tensors
@@ -75,8 +79,8 @@ def load_init_weights(model: nn.Module, model_name: str, path: Path | str) -> In
     ModelError
         If the file's backbone does not match the model (missing keys or shapes).
     """
-    state = read_state_dict(path)
     own = model.state_dict()
+    state = strip_prefixes(read_state_dict(path), set(own))
     heads = head_keys(model, model_name)
     # BatchNorm's integer step counter is bookkeeping, not a weight: files saved before
     # PyTorch 0.4.1 (torchvision's original ResNet .pth files among them) lack it.
@@ -86,23 +90,50 @@ def load_init_weights(model: nn.Module, model_name: str, path: Path | str) -> In
         if k not in heads and k not in state and not k.endswith("num_batches_tracked")
     ]
     misshapen = [k for k in own if k not in heads and k in state and state[k].shape != own[k].shape]
+    unexpected = [k for k in state if k not in own]
     if missing or misshapen:
         detail = []
         if missing:
-            detail.append(f"{len(missing)} missing keys (e.g. {missing[0]!r})")
+            detail.append(f"{len(missing)} missing keys ({_examples(missing)})")
         if misshapen:
-            detail.append(f"{len(misshapen)} with other shapes (e.g. {misshapen[0]!r})")
+            detail.append(f"{len(misshapen)} with other shapes ({_examples(misshapen)})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected keys ({_examples(unexpected)})")
         raise ModelError(
-            f"weights file {path} does not fit model {model_name!r}: " + ", ".join(detail)
+            f"weights file {path} does not fit model {model_name!r}, backbone not loaded: "
+            + ", ".join(detail)
         )
     head_fits = all(k in state and state[k].shape == own[k].shape for k in heads)
     keys = [k for k in own if (head_fits or k not in heads) and k in state]
     model.load_state_dict({k: state[k] for k in keys}, strict=False)
+    if unexpected:
+        log.warning(
+            "weights %s: backbone loaded; %d keys of the file are not in the model (%s)",
+            path,
+            len(unexpected),
+            _examples(unexpected),
+        )
     if not head_fits:
         log.info(
             "weights %s: backbone loaded, new %d-class head", path, _out_features(model, own, heads)
         )
-    return InitReport(str(path), len(keys), new_head=not head_fits)
+    return InitReport(str(path), len(keys), new_head=not head_fits, unexpected=tuple(unexpected))
+
+
+def strip_prefixes(state: dict[str, torch.Tensor], own: set[str]) -> dict[str, torch.Tensor]:
+    """Drop a wrapper prefix (``module.``, ``model.``) shared by every key, when the
+    stripped names fit the model better than the names as they are."""
+    for prefix in _WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            stripped = {k.removeprefix(prefix): v for k, v in state.items()}
+            if len(own & set(stripped)) > len(own & set(state)):
+                state = stripped
+    return state
+
+
+def _examples(keys: list[str], count: int = 3) -> str:
+    shown = ", ".join(repr(k) for k in keys[:count])
+    return f"e.g. {shown}" if len(keys) > count else shown
 
 
 def _out_features(model: nn.Module, own: dict[str, torch.Tensor], heads: set[str]) -> int:
