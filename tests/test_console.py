@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fedge.server.console.sessions import COOKIE
-from fedge.server.operators import revoke_user
+from fedge.server.operators import grant, revoke_user
 from fedge.server.registry.api import create_app
 from fedge.server.registry.store import Registry
 from tests.console_support import Coordinator, make_coordinator
@@ -115,6 +115,8 @@ def test_promote_and_rollback_need_the_csrf_token(
     assert forged.status_code == 403 and registry.current("stable") == "v1"
     wrong = {"version": "v2", "channel": "stable", "csrf": csrf[:-1] + "x"}
     assert client.post("/console/registry/promote", data=wrong).status_code == 403
+    not_ascii = {"version": "v2", "channel": "stable", "csrf": "\u00e9" * len(csrf)}
+    assert client.post("/console/registry/promote", data=not_ascii).status_code == 403
     ok = client.post(
         "/console/registry/promote", data={"version": "v2", "channel": "stable", "csrf": csrf}
     )
@@ -164,6 +166,18 @@ def test_revoking_the_operator_ends_the_session(
     assert client.get("/console/runs").status_code == 200
     revoke_user(coordinator.server_dir, "alice")
     assert client.get("/console/runs").status_code == 303
+
+
+def test_a_new_token_for_the_operator_ends_sessions_of_the_old_one(
+    client: TestClient, coordinator: Coordinator
+) -> None:
+    """Re-granting after a leaked token must lock out whoever logged in with the leaked one."""
+    _login(client, coordinator.operator_token)
+    assert client.get("/console/runs").status_code == 200
+    fresh = grant(coordinator.server_dir, "alice", role="operator").token
+    assert client.get("/console/runs").status_code == 303
+    _login(client, fresh)
+    assert client.get("/console/runs").status_code == 200
 
 
 def test_logout_needs_csrf_and_ends_the_session(

@@ -110,7 +110,7 @@ def mount_console(app: FastAPI, registry_dir: Path | str, server_dir: Path | Non
 
 def console_router(registry_dir: Path, server_dir: Path | None = None) -> APIRouter:
     """The console's routes over one server's data; see ``mount_console``."""
-    from fedge.server.operators import authenticate, list_users
+    from fedge.server.operators import authenticate, list_users, token_fingerprint
 
     registry_dir = registry_dir.expanduser().resolve()
     server = (server_dir or registry_dir.parent).expanduser().resolve()
@@ -133,16 +133,22 @@ def console_router(registry_dir: Path, server_dir: Path | None = None) -> APIRou
     def redirect(path: str) -> RedirectResponse:
         return RedirectResponse(PREFIX + path, status_code=303, headers=_HEADERS)
 
-    def still_operator(user: str) -> bool:
-        """Whether ``user`` still holds an operator credential (revocation ends sessions)."""
+    def still_operator(session: Session) -> bool:
+        """Whether the session's user still holds the operator credential it logged in with
+        (revocation, and a re-grant after a leaked token, end the session)."""
         try:
-            return any(u.name == user and u.role == "operator" for u in list_users(server))
+            return any(
+                u.name == session.user
+                and u.role == "operator"
+                and u.fingerprint == session.credential
+                for u in list_users(server)
+            )
         except FedgeError:
             return False  # an unreadable credential file admits nobody
 
     def current(request: Request) -> Session | None:
         session = sessions.get(request.cookies.get(COOKIE))
-        if session is not None and not still_operator(session.user):
+        if session is not None and not still_operator(session):
             sessions.drop(request.cookies.get(COOKIE))
             return None
         return session
@@ -190,7 +196,7 @@ def console_router(registry_dir: Path, server_dir: Path | None = None) -> APIRou
                 403,
                 error=f"{user.name} is a {user.role}; only operators may use the console.",
             )
-        sid, _ = sessions.create(user.name)
+        sid, _ = sessions.create(user.name, token_fingerprint(token))
         log.info("console: %s logged in", user.name)
         response = redirect("/runs")
         response.set_cookie(

@@ -26,10 +26,14 @@ class Session:
     csrf: str
     last_used: float
     flash: list[str] = field(default_factory=list)
+    # Fingerprint of the token the operator logged in with: a re-grant (new token) ends it.
+    credential: str = ""
 
     def csrf_ok(self, presented: str | None) -> bool:
-        """Whether a form's CSRF token is this session's (constant-time)."""
-        return isinstance(presented, str) and hmac.compare_digest(presented, self.csrf)
+        """Whether a form's CSRF token is this session's (constant-time, any text)."""
+        if not isinstance(presented, str):
+            return False
+        return hmac.compare_digest(presented.encode("utf-8", "replace"), self.csrf.encode())
 
 
 class SessionStore:
@@ -40,10 +44,10 @@ class SessionStore:
         self._lock = threading.Lock()
         self.idle_timeout_s = idle_timeout_s
 
-    def create(self, user: str) -> tuple[str, Session]:
-        """A new session for ``user``; returns (cookie value, session)."""
+    def create(self, user: str, credential: str = "") -> tuple[str, Session]:
+        """A new session for ``user`` (logged in with ``credential``'s fingerprint)."""
         sid = secrets.token_urlsafe(32)
-        session = Session(user, secrets.token_urlsafe(32), time.monotonic())
+        session = Session(user, secrets.token_urlsafe(32), time.monotonic(), credential=credential)
         with self._lock:
             self._sessions[sid] = session
             while len(self._sessions) > MAX_SESSIONS:
