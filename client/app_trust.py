@@ -20,50 +20,14 @@ sites must run the same fedge version, and a mismatch is refused with both hashe
 """
 
 import functools
-import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from fedge.shared.errors import SecurityError
+from fedge.shared.ml.app_package import UntrustedApp, check_fab, installed_fab_hash
 
+__all__ = ["UntrustedApp", "check_fab", "checked", "guard_clientapp_installs", "installed_fab_hash"]
 log = logging.getLogger(__name__)
-# A FAB larger than this is refused unread (fedge's is a few kilobytes).
-MAX_FAB_BYTES = 1 << 20
-
-
-class UntrustedApp(SecurityError):
-    """The run's app package is not the fedge app this site has installed."""
-
-
-@functools.cache
-def installed_fab_hash() -> str:
-    """SHA-256 of the fedge Flower app as installed at this site, built as ``flwr run`` does."""
-    from flwr.cli.build import build_fab_from_disk
-
-    from fedge.shared.paths import flower_app_dir
-
-    return hashlib.sha256(build_fab_from_disk(flower_app_dir())).hexdigest()
-
-
-def check_fab(content: bytes) -> str:
-    """Return the FAB's hash if it is exactly the installed fedge app.
-
-    Raises
-    ------
-    UntrustedApp
-        Otherwise, naming the FAB's hash and the one expected.
-    """
-    if not isinstance(content, bytes | bytearray) or len(content) > MAX_FAB_BYTES:
-        raise UntrustedApp("refused the run's app package: not a fedge app (too large)")
-    got = hashlib.sha256(content).hexdigest()
-    expected = installed_fab_hash()
-    if got != expected:
-        raise UntrustedApp(
-            f"refused the run's app package (sha256 {got[:16]}...): this site runs only the "
-            f"fedge app it has installed (sha256 {expected[:16]}...); same fedge version?"
-        )
-    return got
 
 
 def checked(install: Callable[..., Any]) -> Callable[..., Any]:

@@ -121,6 +121,38 @@ class FrontSpec:
         ]  # fmt: skip
 
 
+def foreign_app(headers: Any, body: bytes) -> str | None:
+    """Why a start-run request must not reach the SuperLink, or None if it runs fedge's app.
+
+    The request is Flower's ``StartRunRequest`` as protobuf; its FAB must be byte for
+    byte the fedge app installed on this server (``fedge.shared.ml.app_package``), and
+    runs named by an app spec (apps from Flower's platform) are refused.
+    """
+    from flwr.proto.control_pb2 import StartRunRequest
+    from google.protobuf.message import DecodeError
+
+    from fedge.shared.ml.app_package import UntrustedApp, check_fab
+
+    media = headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media != "application/protobuf" or headers.get("content-encoding", "identity") != "identity":
+        return "a start-run request must be plain application/protobuf"
+    request = StartRunRequest()
+    try:
+        request.ParseFromString(body)
+    except DecodeError:
+        return "the start-run request is not a valid protobuf message"
+    content = request.fab.content
+    if not content:
+        return "only the fedge app installed on this server may run (no app package given)"
+    try:
+        digest = check_fab(content)
+    except UntrustedApp as e:
+        return str(e)
+    if request.fab.hash_str and request.fab.hash_str != digest:
+        return "the start-run request names another app hash than the package it carries"
+    return None
+
+
 def _bearer(headers: Any) -> str | None:
     value = headers.get("authorization", "")
     scheme, _, token = value.partition(" ")
@@ -132,6 +164,7 @@ def create_app(data_dir: Path, upstream: str, ca_cert: Path) -> Any:
     import httpx
     from starlette.applications import Starlette
     from starlette.background import BackgroundTask
+    from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
     from starlette.responses import PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
@@ -147,7 +180,7 @@ def create_app(data_dir: Path, upstream: str, ca_cert: Path) -> Any:
     def refuse(status: int, text: str) -> Response:
         return PlainTextResponse(text + "\n", status_code=status)
 
-    async def forward(request: Request, limit: int) -> Response:
+    async def forward(request: Request, limit: int, content: bytes | None = None) -> Response:
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return refuse(413, "request body too large")
@@ -166,7 +199,9 @@ def create_app(data_dir: Path, upstream: str, ca_cert: Path) -> Any:
             request.url.path,
             params=request.url.query or None,
             headers=headers,
-            content=body() if request.method not in ("GET", "HEAD") else None,
+            content=content
+            if content is not None
+            else (body() if request.method not in ("GET", "HEAD") else None),
         )
         try:
             response = await client.send(upstream_request, stream=True)
@@ -205,6 +240,24 @@ def create_app(data_dir: Path, upstream: str, ca_cert: Path) -> Any:
             log.warning("refused control route %s to %s (%s)", route, user.name, user.role)
             return refuse(403, f"{user.role} {user.name!r} may not call {route}")
         log.info("control %s by %s (%s)", route, user.name, user.role)
+        if route == "start-run":
+            # The SuperLink would install the run's app package and import its ServerApp
+            # in the coordinator's own account: only the fedge app installed here may run.
+            declared = request.headers.get("content-length")
+            if declared is not None and (
+                not declared.isdigit() or int(declared) > MAX_CONTROL_BODY
+            ):
+                return refuse(413, "request body too large")
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_CONTROL_BODY:
+                    return refuse(413, "request body too large")
+            reason = await run_in_threadpool(foreign_app, request.headers, body)
+            if reason is not None:
+                log.warning("refused a run of %s (%s): %s", user.name, user.role, reason)
+                return refuse(403, reason)
+            return await forward(request, MAX_CONTROL_BODY, content=body)
         return await forward(request, MAX_CONTROL_BODY)
 
     @contextlib.asynccontextmanager

@@ -110,3 +110,28 @@ def test_a_real_site_refuses_a_foreign_app_and_runs_fedge(tmp_path: Path) -> Non
         assert "refused the run's app package" in site_log
         summary = fed.submit(config("fedge"))  # the fedge app itself still runs
         assert summary["sites"] == ["site-1"]
+
+
+def test_the_front_lets_only_the_installed_fedge_app_start_a_run(tmp_path: Path) -> None:
+    """``fedge.server.front.foreign_app``: what the coordinator's front checks on start-run."""
+    from flwr.proto.control_pb2 import StartRunRequest
+    from flwr.proto.fab_pb2 import Fab
+
+    from fedge.server.front import foreign_app
+
+    proto = {"content-type": "application/protobuf"}
+    fedge_fab = build_fab_from_disk(APP_DIR)
+
+    def body(content: bytes, hash_str: str = "") -> bytes:
+        return StartRunRequest(fab=Fab(content=content, hash_str=hash_str)).SerializeToString()
+
+    assert foreign_app(proto, body(fedge_fab)) is None
+    assert foreign_app(proto, body(fedge_fab, hashlib.sha256(fedge_fab).hexdigest())) is None
+    foreign = build_fab_from_disk(_foreign_app(tmp_path, tmp_path / "m"))
+    assert "fedge app" in (foreign_app(proto, body(foreign)) or "")
+    assert "another app hash" in (foreign_app(proto, body(fedge_fab, "0" * 64)) or "")
+    assert "no app package" in (foreign_app(proto, body(b"")) or "")
+    assert "not a valid protobuf" in (foreign_app(proto, b"\xff\xff\xff") or "")
+    assert foreign_app({"content-type": "application/json"}, body(fedge_fab)) is not None
+    gzip = {**proto, "content-encoding": "gzip"}
+    assert foreign_app(gzip, body(fedge_fab)) is not None

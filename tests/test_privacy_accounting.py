@@ -142,6 +142,9 @@ def test_privacy_record_lists_every_parameter() -> None:
     assert record["tls"] is True and record["supernode_auth"] is False
     assert record["dp"] == {
         "level": "site",
+        # The noise is z*C/m for an unweighted mean: the record says so, and the rate.
+        "aggregation": "unweighted mean of the sites' clipped models (weight 1 each)",
+        "sampling_rate": 0.75,
         "mechanism": "gaussian",
         "clipping_norm": 0.7,
         "noise_multiplier": 1.3,

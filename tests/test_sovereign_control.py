@@ -151,8 +151,39 @@ def test_front_routes_are_filtered(server: Server, tmp_path: Path) -> None:
         assert client.post("/v1/fleet/../control/list-nodes").status_code in (401, 404)
         assert client.get("/health").status_code == 200
         assert _raw_status(server, "/v1/control/start-run", 1 << 40, operator) == 413
+        # A run of any app package but the fedge app installed here never reaches the
+        # SuperLink (whose ServerApp would import it in the coordinator's account).
+        foreign = _start_run_body(tmp_path)
+        proto = {"content-type": "application/protobuf"}
+        for token in (scientist, operator):
+            refused = client.post(
+                "/v1/control/start-run",
+                content=foreign,
+                headers={**proto, "Authorization": f"Bearer {token}"},
+            )
+            assert refused.status_code == 403 and "fedge app" in refused.text
         # Fleet requests reach the SuperLink, whose own node authentication answers.
         assert client.post("/v1/fleet/pull-messages", content=b"").status_code not in (401, 404)
+
+
+def _start_run_body(tmp_path: Path) -> bytes:
+    """Flower's StartRunRequest carrying fedge's pyproject with another ServerApp."""
+    import shutil
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.proto.control_pb2 import StartRunRequest
+    from flwr.proto.fab_pb2 import Fab
+
+    from fedge.server.flower_app_config import APP_DIR
+
+    app = tmp_path / "foreign-app"
+    shutil.copytree(APP_DIR, app)
+    text = (app / "pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(
+        text.replace('serverapp = "fedge.server.app:app"', 'serverapp = "evil.server:app"')
+    )
+    content = build_fab_from_disk(app)
+    return StartRunRequest(fab=Fab(content=content)).SerializeToString()
 
 
 def _raw_status(server: Server, path: str, declared_length: int, token: str) -> int:
