@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from fedge.cli.edge import trusted_key_or_default as _trusted_key
+
 log = logging.getLogger(__name__)
 
 KeyOpt = Annotated[
@@ -20,12 +22,6 @@ KeyOpt = Annotated[
         "--key", help="Public key this device trusts [default: FEDGE_HOME/keys/signing.pub]."
     ),
 ]
-
-
-def _trusted_key(key: Path | None) -> Path:
-    from fedge.shared.paths import trusted_key_path
-
-    return key if key is not None else trusted_key_path()
 
 
 def read_token(token: str | None, token_file: Path | None) -> str:

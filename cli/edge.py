@@ -39,7 +39,8 @@ KeyOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def _trusted_key(key: Path | None) -> Path:
+def trusted_key_or_default(key: Path | None) -> Path:
+    """``--key`` as given, or the default key a device trusts (``signing.pub``)."""
     from fedge.shared.paths import trusted_key_path
 
     return key if key is not None else trusted_key_path()
@@ -71,7 +72,7 @@ def predict(
 
     fmt = format.value if format else None
     prec = precision.value if precision else None
-    with EdgeModel.open(bundle, _trusted_key(key), format=fmt, precision=prec) as model:
+    with EdgeModel.open(bundle, trusted_key_or_default(key), format=fmt, precision=prec) as model:
         batch = load_inputs(inputs, model.task, preprocessed=True if preprocessed else None)
         result = model.predict(batch.x)
         info = model.describe()
@@ -107,7 +108,7 @@ def bench(
     from fedge.edge.device.bench import bench_bundle, render_bench_table
 
     rows = bench_bundle(
-        bundle, _trusted_key(key), warmup=warmup, iterations=iterations, batch=batch
+        bundle, trusted_key_or_default(key), warmup=warmup, iterations=iterations, batch=batch
     )
     if as_json:
         typer.echo(json.dumps([row.to_dict() for row in rows], indent=2))

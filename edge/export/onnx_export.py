@@ -104,12 +104,13 @@ def export_onnx(
             log.info("exported %s with the %s exporter", path.name, name)
             return path
         except Exception as e:  # exporters raise many types; we report them all
-            reasons.append(f"{name} exporter: {_first_line(e)}")
+            reasons.append(f"{name} exporter: {first_line(e)}")
             log.debug("%s exporter failed on %s: %s", name, path.name, chatter.getvalue())
     raise ExportError(f"cannot export the model to ONNX ({'; '.join(reasons)})")
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """``Type: first line of the message``, bounded: a converter's error for a table cell."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 

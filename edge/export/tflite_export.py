@@ -28,15 +28,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedge.edge.export.onnx_export import first_line
 from fedge.shared.atomic import atomic_path
 from fedge.shared.errors import ExportError
 
 log = logging.getLogger(__name__)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
 @contextmanager
@@ -96,7 +92,7 @@ def export_tflite(model: nn.Module, sample: torch.Tensor, path: Path | str) -> P
             with atomic_path(path) as tmp:
                 edge_model.export(str(tmp))
     except Exception as e:  # the converter raises many types (RuntimeError for lowering)
-        raise ExportError(f"litert-torch cannot convert the model: {_first_line(e)}") from e
+        raise ExportError(f"litert-torch cannot convert the model: {first_line(e)}") from e
     log.info("converted %s", path.name)
     return path
 
@@ -138,6 +134,6 @@ def quantize_tflite_dynamic(model_in: Path | str, model_out: Path | str) -> Path
         with atomic_path(model_out) as tmp:
             tmp.write_bytes(bytes(result.quantized_model))
     except Exception as e:  # the quantizer raises many types
-        raise ExportError(f"ai-edge-quantizer cannot quantize the model: {_first_line(e)}") from e
+        raise ExportError(f"ai-edge-quantizer cannot quantize the model: {first_line(e)}") from e
     log.info("dynamic-range int8: %s -> %s", model_in, model_out)
     return model_out
