@@ -146,6 +146,10 @@ def test_npy_headers_that_lie_and_eps_files_are_refused(client: TestClient) -> N
     lie = client.post("/predict", content=header.getvalue() + b"x" * 16,
                       headers={"content-type": "application/x-npy"})  # fmt: skip
     assert lie.status_code == 400 and "does not hold" in lie.json()["error"]
+    # A garbled header: numpy parses it with Python's tokenizer, which raises TokenError.
+    garbled = b"\x93NUMPY\x01\x00" + (118).to_bytes(2, "little") + b"\x00" * 117 + b"{"
+    tokens = client.post("/predict", content=garbled, headers={"content-type": "application/x-npy"})
+    assert tokens.status_code == 400 and "not a readable .npy" in tokens.json()["error"]
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
     refused = client.post("/predict", content=eps, headers={"content-type": "image/png"})
     assert refused.status_code == 400 and "not a readable image" in refused.json()["error"]

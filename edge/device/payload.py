@@ -240,6 +240,8 @@ def _load_npy(body: bytes) -> np.ndarray:
     ``np.load`` would allocate what the header claims before reading the data, so
     a 100-byte body claiming 10**10 elements could ask for 80 GB.
     """
+    import tokenize
+
     from numpy.lib import format as npy
 
     stream = io.BytesIO(body)
@@ -247,7 +249,8 @@ def _load_npy(body: bytes) -> np.ndarray:
         version = npy.read_magic(stream)
         read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
         shape, fortran, dtype = read_header(stream, max_header_size=10_000)
-    except (OSError, ValueError, EOFError, SyntaxError, TypeError) as e:
+    except (OSError, ValueError, EOFError, SyntaxError, TypeError, tokenize.TokenError) as e:
+        # numpy parses the header with Python's tokenizer: a garbled one raises TokenError.
         raise BadRequest(400, f"the body is not a readable .npy array: {e}") from e
     if dtype.hasobject:
         raise BadRequest(400, "the .npy body holds Python objects (pickles are refused)")
