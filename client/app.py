@@ -41,6 +41,12 @@ class SiteClient(NumPyClient):
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         self.guard.check_run(self.cfg)
+        if self.cfg.job == "artifacts":
+            # Export's federated job (counts only); consulted as a federated evaluation.
+            from fedge.client.artifact_job import answer
+
+            self.guard.check_evaluate()
+            return answer(self.cfg, self.node_config, parameters, config)
         site = self._site()
         site.guard = self.guard
         return site.fit(parameters, config)

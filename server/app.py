@@ -110,8 +110,13 @@ class PromptGrid(Grid):
 
 
 def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
-    """Run the configured number of rounds (or what is left after a resume)."""
+    """Run the configured number of rounds (or what is left after a resume), or an artifact job."""
     cfg = RunConfig.from_flower(dict(context.run_config))
+    if cfg.job == "artifacts":
+        # Export's federated job on staged artifacts (``fedge.server.artifact_job``).
+        from fedge.server.artifact_job import run_artifact_job
+
+        return run_artifact_job(PromptGrid(grid), context, cfg)
     run = ServerRun(cfg)
     if run.remaining_rounds > 0:
 

@@ -25,6 +25,9 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam")
 # Flower's Byzantine-robust aggregators: they need each site's update, not only the sum.
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 DP_LEVELS = ("none", "record", "site")
+# What a submitted run does: fine-tune a model, or the export's federated job on artifacts
+# (evaluate candidate artifacts, or sum calibration histograms; ``fedge.server.artifact_job``).
+JOBS = ("train", "artifacts")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class PrivacyConfig:
     # Seconds SecAgg+ waits for each stage's replies; a site slower than this counts as
     # dropped. Must cover a site's local training time.
     secagg_timeout: float = 600.0
+    # Federated artifact jobs: Gaussian noise on the summed counts, as a multiple of their
+    # per-record L2 sensitivity (0: exact sums; see ``fedge.server.artifact_job``).
+    count_noise_multiplier: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,7 @@ class RunConfig:
     run_dir: str = "runs/latest"
     seed: int = 0
     resume: bool = False  # continue the run in run_dir from its last checkpoint
+    job: str = "train"  # one of JOBS
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
@@ -101,6 +108,10 @@ class RunConfig:
             known = ", ".join(STRATEGIES + ROBUST_STRATEGIES)
             errors.append(f"unknown strategy {self.strategy!r}; choose one of: {known}")
         errors.extend(self._robust_errors())
+        if self.job not in JOBS:
+            errors.append(f"unknown job {self.job!r}; choose one of: {', '.join(JOBS)}")
+        if not 0 <= self.privacy.count_noise_multiplier <= 1e6:
+            errors.append("privacy count-noise-multiplier must be in [0, 1e6]")
         if self.privacy.dp not in DP_LEVELS:
             errors.append(f"unknown dp level {self.privacy.dp!r}; choose one of: {DP_LEVELS}")
         for name in ("num_rounds", "local_epochs", "batch_size", "min_clients"):

@@ -8,6 +8,7 @@ silently break one side.
 # Per-round config (server -> client)
 CFG_SERVER_ROUND = "fedge-server-round"  # absolute round number, across resumes
 CFG_PROXIMAL_MU = "proximal_mu"  # set by Flower's FedProx itself
+CFG_ARTIFACT_JOB = "fedge-artifact-job"  # an artifact job's description (JSON; artifact_job)
 
 # Reply metrics (client -> server)
 METRIC_SITE = "site"
