@@ -61,12 +61,48 @@ def export(
             "validated; no device runs it until `fedge validate`).",
         ),
     ] = True,
+    federated: Annotated[
+        bool | None,
+        typer.Option(
+            "--federated/--central",
+            help="Calibrate and validate at the run's sites (default when the task has no "
+            "built-in data and no --eval-data/--calibration is given), or on central data.",
+        ),
+    ] = None,
+    server: Annotated[
+        str, typer.Option(help="--federated: the SuperLink, HOST:PORT.")
+    ] = "127.0.0.1:9092",
+    ca: Annotated[
+        Path | None, typer.Option(help="--federated: CA certificate of the server (TLS).")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="--federated: connect without TLS (server started --insecure).")
+    ] = False,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="--federated: your control credential; or $FEDGE_TOKEN."),
+    ] = None,
+    count_noise: Annotated[
+        float,
+        typer.Option(
+            help="--federated: Gaussian noise on the summed counts, in multiples of their "
+            "per-example sensitivity (0: exact; epsilon goes in the model card)."
+        ),
+    ] = 0.0,
 ) -> None:
-    """Export a run's model to ONNX/TFLite, quantize, validate and sign a bundle."""
+    """Export a run's model to ONNX/TFLite, quantize, validate and sign a bundle.
+
+    Example: fedge export runs/exp1 --federated --server 127.0.0.1:9092 --max-accuracy-drop 2
+    """
     from fedge.edge.export.quiet import log_path_for, quiet_output
 
     default = source / "bundle" if source.is_dir() else source.with_name(f"{source.stem}-bundle")
     out_dir = out if out is not None else default
+    target = None
+    if federated is None:
+        federated = _no_central_data(source) and eval_data is None and calibration is None
+    if federated:
+        target = _federated_target(server, ca, insecure, token_file, count_noise)
     log_path = log_path_for(out_dir)
     with quiet_output(log_path, f"fedge export {source}") as terminal:
         from rich.console import Console
@@ -87,6 +123,7 @@ def export(
                 force=force,
                 validate=validate,
                 console=console,
+                federated=None if target is None else _with_progress(target, console),
             )
         console.print(report.table())
         console.print(f"bundle {report.bundle_id} written to [bold]{report.bundle_dir}[/]")
@@ -135,6 +172,41 @@ def validate(
         console.print(report.table())
         console.print(f"bundle {report.bundle_id} validated and signed again: {report.bundle_dir}")
         console.print(f"log of the runtimes: {log_path}")
+
+
+def _no_central_data(source: Path) -> bool:
+    """Whether the run's task has no built-in data (a user task: images, tabular)."""
+    from fedge.shared.ml.checkpoint import load_checkpoint, resolve_checkpoint
+    from fedge.shared.tasks import BUILTIN_TASKS
+
+    return load_checkpoint(resolve_checkpoint(source)).task.name not in BUILTIN_TASKS
+
+
+def _federated_target(
+    server: str, ca: Path | None, insecure: bool, token_file: Path | None, count_noise: float
+) -> Any:
+    """The SuperLink, CA and credential to reach the run's sites (as `fedge run` finds them)."""
+    from fedge.cli.run import _control_token, _root_certificates
+    from fedge.edge.export.federated import FederatedTarget
+    from fedge.shared.errors import ConfigError
+
+    if not 0 <= count_noise <= 1e6:
+        raise ConfigError("--count-noise must be in [0, 1e6]")
+    return FederatedTarget(
+        server, _root_certificates(ca, insecure), _control_token(token_file),
+        count_noise_multiplier=count_noise,
+    )  # fmt: skip
+
+
+def _with_progress(target: Any, console: Any) -> Any:
+    """``target`` printing the artifact job's progress on ``console``."""
+    from dataclasses import replace
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("event") == "round-start" and event.get("job") == "artifacts":
+            console.print(f"  sent to {event.get('sites')} sites; waiting for their sums")
+
+    return replace(target, on_event=on_event)
 
 
 @contextmanager

@@ -76,11 +76,14 @@ class ExportReport:
     bundle_id: str | None = None
     validation_path: Path | None = None
     validated: bool = True
+    note: str = ""  # federated: "evaluated at K sites on N examples (federated)"
+    federated: Any = None  # federated: the ``FederatedEvaluation``
 
     def table(self) -> Any:
         """The validation table as a rich ``Table``."""
         title = "Validation" if self.validated else "Exported (not validated)"
-        return validate_mod.render_table(self.rows, title=f"{title} of {self.version}")
+        title = f"{title} of {self.version}" + (f"\n{self.note}" if self.note else "")
+        return validate_mod.render_table(self.rows, title=title)
 
 
 class ArtifactsFailed(ExportError):
@@ -177,12 +180,15 @@ def _builders(
     work: Path,
     reader: CalibrationReader | None,
     target: str = "x86-64",
+    static_quantizer: Callable[[Path, Path], Path] | None = None,
 ) -> dict[str, Callable[[Path], Path]]:
     from fedge.edge.export.onnx_export import export_onnx
     from fedge.edge.export.quantize import quantize_onnx_dynamic, quantize_onnx_static
     from fedge.edge.export.tflite_export import export_tflite, quantize_tflite_dynamic
 
     def static(path: Path) -> Path:
+        if static_quantizer is not None:  # ranges from elsewhere (federated calibration)
+            return static_quantizer(work / "model-fp32.onnx", path)
         if reader is None:
             raise ExportError("static quantization needs calibration data")
         return quantize_onnx_static(work / "model-fp32.onnx", path, reader, target=target)
@@ -227,6 +233,7 @@ def export(
     force: bool = False,
     step: Callable[[str], Any] = _no_step,
     target: str = "x86-64",
+    static_quantizer: Callable[[Path, Path], Path] | None = None,
 ) -> Exported:
     """Build every requested artifact and write them into a signed, unvalidated bundle.
 
@@ -258,6 +265,9 @@ def export(
         ``step(description)`` returns a context manager around each step (progress).
     target
         The device CPU static int8 is tuned for (``quantize.STATIC_TARGETS``).
+    static_quantizer
+        ``(fp32_onnx, out) -> out`` to build static int8 instead of calibrating on
+        ``calibration`` (federated calibration: ``fedge.edge.export.federated_export``).
 
     Raises
     ------
@@ -270,7 +280,8 @@ def export(
     out_dir = Path(out_dir)
     bundle_writer.check_destination(out_dir, force)
     plans, skipped = plan_artifacts(formats, quantize)
-    if any(p.quantization == "static" for p in plans) and calibration is None:
+    static = any(p.quantization == "static" for p in plans)
+    if static and calibration is None and static_quantizer is None:
         raise ConfigError("static quantization needs calibration data (--calibration)")
     model = model.eval().cpu()
     if sample is None:
@@ -280,7 +291,7 @@ def export(
     with tempfile.TemporaryDirectory(prefix="fedge-export-") as tmp:
         work = Path(tmp)
         reader = None if calibration is None else CalibrationReader(calibration.x)
-        builders = _builders(model, sample[:1], work, reader, target)
+        builders = _builders(model, sample[:1], work, reader, target, static_quantizer)
         built = _build_all(plans, builders, work, skipped, step)
         if not built:
             why = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
@@ -445,6 +456,7 @@ def export_bundle(
     target: str = "x86-64",
     validate: bool = True,
     console: Any = None,
+    federated: Any = None,
 ) -> ExportReport:
     """Export a run's global model (or a checkpoint) to a validated, signed edge bundle.
 
@@ -481,6 +493,11 @@ def export_bundle(
         Validate the artifacts and record the results (default). ``False``
         (``--no-validate``) writes a bundle whose artifacts carry no validation
         result: no device runs them until ``fedge validate`` records one.
+    federated
+        A ``fedge.edge.export.federated.FederatedTarget``: calibrate static int8 and
+        validate through the run's sites instead of on central data
+        (``fedge.edge.export.federated_export``); ``calibration`` and ``eval_data`` must
+        then be ``None``.
 
     Returns
     -------
@@ -513,6 +530,14 @@ def export_bundle(
     model = load_model_from_checkpoint(ckpt)
     plans, _ = plan_artifacts(formats, quantize)
     needs_calibration = any(p.quantization == "static" for p in plans)
+    if federated is not None:
+        return _export_bundle_federated(
+            source, ckpt, cfg, model, out_dir, federated, private_key=private_key,
+            version=version, formats=formats, quantize=quantize,
+            max_accuracy_drop=max_accuracy_drop, progress=progress, force=force,
+            target=target, console=console, calibration=calibration, eval_data=eval_data,
+            needs_calibration=needs_calibration,
+        )  # fmt: skip
     eval_spec, calibration_spec = resolve_data_specs(
         ckpt.task, eval_data, calibration, needs_calibration, needs_eval=validate
     )
@@ -553,3 +578,52 @@ def export_bundle(
         eval_spec=eval_spec,
         console=console,
     )
+
+
+def _export_bundle_federated(
+    source: Path,
+    ckpt: Any,
+    cfg: Any,
+    model: nn.Module,
+    out_dir: Path,
+    federated: Any,
+    *,
+    private_key: signing.Ed25519PrivateKey,
+    version: str | None,
+    formats: Sequence[str],
+    quantize: Sequence[str],
+    max_accuracy_drop: float,
+    progress: bool,
+    force: bool,
+    target: str,
+    console: Any,
+    calibration: str | None,
+    eval_data: str | None,
+    needs_calibration: bool,
+) -> ExportReport:
+    """``export_bundle`` through the run's sites (``fedge.edge.export.federated_export``)."""
+    from fedge.edge.export.federated_export import FederatedSource, export_federated
+
+    if calibration is not None or eval_data is not None:
+        raise ConfigError(
+            "--federated calibrates and validates at the sites; it takes no --calibration "
+            "or --eval-data (drop them, or drop --federated to use central data)"
+        )
+    run_dir = run_dir_of(source, ckpt.path)
+    summary = read_summary(run_dir)
+    card = source_card(ckpt, cfg, run_dir, summary)
+    card["export"] = {
+        "formats": list(formats),
+        "quantize": list(quantize),
+        "calibration": "federated activation histograms (2 passes)" if needs_calibration else None,
+        "calibration_examples": None,
+    }
+    report: ExportReport = export_federated(
+        model, ckpt.task, out_dir, source=FederatedSource(cfg, run_dir, ckpt.path),
+        target=federated, private_key=private_key,
+        version=version or default_version(run_dir.name, ckpt.round), formats=formats,
+        quantize=quantize, max_accuracy_drop=max_accuracy_drop, model_card=card,
+        privacy=summary.get("privacy"), progress=progress, force=force, cpu_target=target,
+        console=console,
+    )  # fmt: skip
+    return report

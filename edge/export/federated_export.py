@@ -1,0 +1,201 @@
+"""``fedge export --federated``: calibrate and validate through the run's sites, then sign.
+
+The coordinator holds no data. Static int8 is calibrated with histograms the sites sum
+(two passes: bins fixed from the fp32 model alone, then refined from the first pass's
+sums; ``fedge.shared.activation_histograms``), quantized from the derived ranges
+(``fedge.edge.export.federated_quantize``), and every candidate artifact is evaluated by
+the sites on their held-out data (``fedge.edge.export.federated``). The gate
+(``fedge.edge.export.federated_gate``) then decides, and only passing artifacts are
+recorded and signed; failed ones are named in the model card under ``failed_validation``.
+"""
+
+import logging
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from fedge.edge.export import bundle_writer
+from fedge.edge.export import validate as validate_mod
+from fedge.edge.export.federated import (
+    FederatedEvaluation,
+    FederatedTarget,
+    evaluate_artifacts,
+    site_histograms_sum,
+)
+from fedge.edge.export.federated_gate import gate, probe_inputs, probe_logits
+from fedge.edge.export.model_card import validation_card
+from fedge.shared import bundle, signing
+from fedge.shared.config import RunConfig
+from fedge.shared.tasks import TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FederatedSource:
+    """The run being exported: its config, its directory here, its checkpoint file."""
+
+    cfg: RunConfig
+    run_dir: Path
+    checkpoint: Path
+
+
+def federated_static_quantizer(
+    source: FederatedSource,
+    target: FederatedTarget,
+    classes: int,
+    say: Callable[[str], None] = log.info,
+) -> Callable[[Path, Path], Path]:
+    """``(fp32_onnx, out) -> out``: static int8 ONNX from ranges the sites' histograms give."""
+
+    def quantize(fp32: Path, out: Path) -> Path:
+        from fedge.edge.export.federated_quantize import (
+            quantize_onnx_static_from_ranges,
+            ranges_from_histograms,
+        )
+        from fedge.shared.activation_histograms import coarse_spec, refine_spec
+
+        model = fp32.read_bytes()
+        coarse = coarse_spec(model, "onnx")
+        say(f"federated calibration, pass 1: {coarse.total_bins} bins")
+        first = site_histograms_sum(source.cfg, source.run_dir, target, model=model,
+                                    fmt="onnx", spec=coarse, classes=classes)  # fmt: skip
+        fine = refine_spec(coarse, first)
+        say(f"federated calibration, pass 2: {fine.total_bins} bins")
+        second = site_histograms_sum(source.cfg, source.run_dir, target, model=model,
+                                     fmt="onnx", spec=fine, classes=classes)  # fmt: skip
+        ranges = ranges_from_histograms(fine, second)
+        return quantize_onnx_static_from_ranges(fp32, out, ranges)
+
+    return quantize
+
+
+def validate_federated(
+    staged: Path,
+    model: nn.Module,
+    source: FederatedSource,
+    target: FederatedTarget,
+    *,
+    max_accuracy_drop: float,
+) -> tuple[list[validate_mod.ValidationResult], FederatedEvaluation, np.ndarray, np.ndarray]:
+    """Evaluate every artifact of the unvalidated bundle ``staged`` at the sites, and gate.
+
+    Returns the results, the evaluation, and the probe inputs and PyTorch's probe logits
+    (the bundle's self-test).
+    """
+    manifest = bundle.read_manifest(staged)
+    artifacts = {Path(a.file).name: (staged / a.file).read_bytes() for a in manifest.artifacts}
+    evaluation = evaluate_artifacts(
+        source.cfg, source.run_dir, target,
+        manifest=(staged / bundle.MANIFEST).read_bytes(),
+        checkpoint=source.checkpoint.read_bytes(), artifacts=artifacts,
+        classes=len(manifest.labels),
+    )  # fmt: skip
+    x = probe_inputs(manifest.task, bundle_writer.SELF_TEST_EXAMPLES)
+    reference = validate_mod.reference_logits(model.eval().cpu(), x)
+    results = gate(
+        manifest, evaluation.sums, probe_logits(staged, manifest, x), reference,
+        max_accuracy_drop=max_accuracy_drop,
+    )  # fmt: skip
+    return results, evaluation, x, reference
+
+
+def export_federated(
+    model: nn.Module,
+    task: TaskSpec,
+    out_dir: Path,
+    *,
+    source: FederatedSource,
+    target: FederatedTarget,
+    private_key: signing.Ed25519PrivateKey,
+    version: str,
+    formats: Sequence[str],
+    quantize: Sequence[str],
+    max_accuracy_drop: float,
+    model_card: Mapping[str, Any] | None,
+    privacy: Mapping[str, Any] | None,
+    progress: bool = True,
+    force: bool = False,
+    cpu_target: str = "x86-64",
+    console: Any = None,
+) -> Any:
+    """Export, calibrate and validate through the sites, record, sign, move into place.
+
+    Returns
+    -------
+    ExportReport
+        As ``fedge.edge.export.pipeline.export_model``; ``note`` holds the statement
+        "evaluated at K sites on N examples (federated)".
+
+    Raises
+    ------
+    ArtifactsFailed
+        Some artifacts failed the federated gate (left out, named in the card) or none
+        passed (no bundle); ``.report`` has the table.
+    ConnectionFailed, SecurityError, RunError
+        The server or the sites could not do the job.
+    """
+    from fedge.edge.export.pipeline import (
+        ArtifactsFailed,
+        ExportReport,
+        _progress,
+        check_choices,
+        export,
+        plan_artifacts,
+    )
+
+    check_choices(formats, quantize)
+    out_dir = Path(out_dir)
+    bundle_writer.check_destination(out_dir, force)
+    plans, _ = plan_artifacts(formats, quantize)
+    classes = len(task.classes)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.export-", dir=out_dir.parent) as tmp:
+        staged = Path(tmp) / out_dir.name
+        with _progress(progress, len(plans) + 2, console) as step:
+            say = console.print if console is not None else log.info
+            quantizer = federated_static_quantizer(source, target, classes, say)
+            exported = export(
+                model, task, staged, private_key=private_key, version=version,
+                formats=formats, quantize=quantize, model_card=model_card, privacy=privacy,
+                step=step, target=cpu_target, static_quantizer=quantizer,
+            )  # fmt: skip
+            with step("evaluate at the sites"):
+                results, evaluation, x, reference = validate_federated(
+                    staged, model, source, target, max_accuracy_drop=max_accuracy_drop
+                )
+        by_name = {r.artifact: r for r in results}
+        rows = validate_mod.table_rows(exported.order, by_name, exported.skipped)
+        failed = [r.artifact for r in results if not r.passed]
+        report = ExportReport(None, rows, exported.skipped, failed, version)
+        report.note = evaluation.statement()
+        report.validation_path = validate_mod.write_validation_file(out_dir, rows)
+        if len(failed) == len(results):
+            detail = "; ".join(f"{r.artifact} ({r.reason})" for r in results)
+            raise ArtifactsFailed(f"no artifact passed federated validation: {detail}", report)
+        card = validation_card(
+            rows, failed, eval_spec=None, eval_examples=evaluation.sums.examples,
+            max_accuracy_drop=max_accuracy_drop,
+        )  # fmt: skip
+        card["validation_data"]["eval_data"] = evaluation.statement()
+        card["validation_data"]["federated"] = evaluation.card()
+        card["validation_data"]["probe"] = "synthetic standard-normal inputs (no data)"
+        bundle_writer.record_validation(
+            staged, results, self_test_inputs=x,
+            self_test_labels=[int(v) for v in reference.argmax(1)], card_updates=card,
+            private_key=private_key,
+        )  # fmt: skip
+        bundle_writer.replace_dir(staged, out_dir)
+    report.bundle_dir, report.bundle_id = out_dir, bundle.read_manifest(out_dir).bundle_id
+    report.federated = evaluation
+    if failed:
+        detail = ", ".join(f"{n} ({by_name[n].reason})" for n in failed)
+        raise ArtifactsFailed(
+            f"left out of bundle {out_dir}: they failed federated validation: {detail}", report
+        )
+    return report
