@@ -31,6 +31,8 @@ from fedge.shared.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 MAX_MANIFEST_BYTES = 1 << 20
+# Examples of its training split a site measures activation histograms on (a time bound).
+MAX_CALIBRATION_EXAMPLES = 2048
 
 
 def answer(
@@ -47,10 +49,17 @@ def answer(
     """
     job = fc.ArtifactJob.from_json(str(config.get(records.CFG_ARTIFACT_JOB, "")))
     payload = _checked_payload(job, arrays)
-    x, y = _held_out(cfg, node_config)
+    data = _site_data(cfg, node_config)
     if job.kind == "evaluate":
-        counts = evaluate_counts(cfg, job, payload, x, y)
+        if len(data.y_eval) == 0:
+            raise DataError("this site has no held-out examples to evaluate on")
+        counts = evaluate_counts(cfg, job, payload, data.x_eval, data.y_eval)
     else:
+        # Calibration sees the training split (as central calibration sees a training-side
+        # split), capped; the held-out split stays for judging the calibrated model.
+        x = data.x_train[:MAX_CALIBRATION_EXAMPLES]
+        if len(x) == 0:
+            raise DataError("this site has no training examples to calibrate on")
         counts = histogram_counts(job, payload[0], x)
     try:
         encoded = fc.encode(counts, job.digits)
@@ -79,16 +88,14 @@ def _checked_payload(job: fc.ArtifactJob, arrays: list[np.ndarray]) -> list[byte
     return out
 
 
-def _held_out(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """This site's local evaluation split: the one training held out (same seed, same data)."""
+def _site_data(cfg: RunConfig, node_config: dict[str, Any]) -> Any:
+    """This site's data split as training split it (same seed, same data, same held-out part)."""
     from fedge.client.site import _simulation_data, site_data
 
     data_spec = str(node_config.get(records.NODE_DATA, "")) or _simulation_data(cfg, node_config)
     label_column = str(node_config.get(records.NODE_LABEL_COLUMN, cfg.label_column))
     data, _ = site_data(cfg, data_spec, label_column)
-    if len(data.y_eval) == 0:
-        raise DataError("this site has no held-out examples to evaluate on")
-    return data.x_eval, data.y_eval
+    return data
 
 
 def evaluate_counts(

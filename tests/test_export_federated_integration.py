@@ -15,7 +15,9 @@ run was trained with SecAgg+, so export evaluates with SecAgg+. Checked in one e
   sums.
 """
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +60,24 @@ def corrupted_static(*_args: Any, **_kwargs: Any) -> Any:
     return quantize
 
 
+def with_artifact(bundle_dir: Path, extra: Path, work: Path) -> tuple[Path, bytes]:
+    """A copy of the bundle's artifacts plus ``extra`` (static int8), and its manifest JSON."""
+    raw = json.loads((bundle_dir / bundle.MANIFEST).read_text())
+    entry = dict(next(a for a in raw["artifacts"] if a["file"].endswith("model-fp32.onnx")))
+    content = extra.read_bytes()
+    digest = hashlib.sha256(content).hexdigest()
+    entry.update(file=f"artifacts/{extra.name}", precision="int8", quantization="static",
+                 sha256=digest, size=len(content), validation=None)  # fmt: skip
+    raw["artifacts"].append(entry)
+    shutil.copytree(bundle_dir / "artifacts", work / "artifacts")
+    shutil.copy(extra, work / "artifacts" / extra.name)
+    text = json.dumps(raw).encode()
+    (work / bundle.MANIFEST).write_bytes(text)
+    return work, text
+
+
 def central_counts(bundle_dir: Path, cfg: Any, folders: list[Path]) -> dict[str, Any]:
-    """Each bundled artifact's correct/agree counts on the union of the held-out splits."""
+    """Each artifact's correct/agree counts on the union of the held-out splits."""
     from fedge.edge.device.runtime import load_artifact
     from fedge.shared.ml.checkpoint import load_checkpoint, load_model_from_checkpoint
     from fedge.shared.ml.training import predict_logits
@@ -87,6 +105,7 @@ def test_federated_export_of_an_image_folder_task(
     from fedge.cli.export import export, validate
     from fedge.edge.export import federated_export
     from fedge.edge.export.federated import FederatedTarget, evaluate_artifacts
+    from fedge.edge.export.federated_export import FederatedSource
     from fedge.edge.export.pipeline import ArtifactsFailed
     from fedge.shared.signing import generate_signing_key
 
@@ -96,6 +115,7 @@ def test_federated_export_of_an_image_folder_task(
     cfg = images_config(run_dir, privacy_secagg=True)
     key = tmp_path / "keys" / "signing.key"
     generate_signing_key(key)
+    federated_calibration = federated_export.federated_static_quantizer
     monkeypatch.setattr(federated_export, "federated_static_quantizer", corrupted_static)
     with local_federation(tmp_path / "fed", [str(f) for f in folders], secure=True) as fed:
         assert fed.tls is not None and fed.token is not None
@@ -118,15 +138,20 @@ def test_federated_export_of_an_image_folder_task(
         manifest = bundle.read_manifest(out)
         card = json.loads((out / bundle.MODEL_CARD).read_text())
         names = {Path(a.file).name: a for a in manifest.artifacts}
-        artifacts = {n: (out / a.file).read_bytes() for n, a in names.items()}
+        # The real federated calibration (two histogram passes through the sites, SecAgg+).
+        target = FederatedTarget(fed.address, fed.tls.ca_cert, fed.token)
+        source = FederatedSource(cfg, run_dir, run_dir / "model.safetensors")
+        fedcal = tmp_path / "model-int8-fedcal.onnx"
+        federated_calibration(source, target, 10)(out / names["model-fp32.onnx"].file, fedcal)
+        extended, manifest_json = with_artifact(out, fedcal, tmp_path / "extended")
+        files = sorted((extended / "artifacts").iterdir())
         plain = evaluate_artifacts(
             cfg, run_dir, FederatedTarget(fed.address, fed.tls.ca_cert, fed.token, secagg=False),
-            manifest=(out / bundle.MANIFEST).read_bytes(),
-            checkpoint=(run_dir / "model.safetensors").read_bytes(), artifacts=artifacts,
-            classes=10,
+            manifest=manifest_json, checkpoint=(run_dir / "model.safetensors").read_bytes(),
+            artifacts={f.name: f.read_bytes() for f in files}, classes=10,
         )  # fmt: skip
 
-    central = central_counts(out, cfg, folders)
+    central = central_counts(extended, cfg, folders)
     n = central["n"]
     federated = card["validation_data"]["federated"]
     assert federated["sites"] == SITES and federated["examples"] == n
@@ -150,6 +175,11 @@ def test_federated_export_of_an_image_folder_task(
         assert plain.sums.artifacts[name].correct == correct
         assert plain.sums.artifacts[name].agree == agree
     assert plain.sums.examples == n and plain.sums.sites == SITES
+    # The federally calibrated static int8 works: counted exactly, close to PyTorch.
+    correct, agree = central["model-int8-fedcal.onnx"]
+    assert plain.sums.artifacts["model-int8-fedcal.onnx"].correct == correct
+    assert plain.sums.artifacts["model-int8-fedcal.onnx"].agree == agree
+    assert agree / n >= 0.9 and (central["reference"] - correct) / n <= 0.05
     # What aggregate_fit received: under SecAgg+ only the sum; in the plain job each site's.
     assert secure["aggregation"] == {"results": SITES, "distinct_vectors": 1, "weights": [1],
                                      "metrics_keys": []}  # fmt: skip

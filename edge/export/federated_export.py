@@ -50,18 +50,20 @@ def federated_static_quantizer(
     target: FederatedTarget,
     classes: int,
     say: Callable[[str], None] = log.info,
+    cpu_target: str = "x86-64",
 ) -> Callable[[Path, Path], Path]:
     """``(fp32_onnx, out) -> out``: static int8 ONNX from ranges the sites' histograms give."""
 
     def quantize(fp32: Path, out: Path) -> Path:
         from fedge.edge.export.federated_quantize import (
+            onnx_coarse_spec,
             quantize_onnx_static_from_ranges,
             ranges_from_histograms,
         )
-        from fedge.shared.activation_histograms import coarse_spec, refine_spec
+        from fedge.shared.activation_histograms import refine_spec
 
-        model = fp32.read_bytes()
-        coarse = coarse_spec(model, "onnx")
+        # The sites measure the model as quantization prepares it (same tensor names).
+        model, coarse = onnx_coarse_spec(fp32)
         say(f"federated calibration, pass 1: {coarse.total_bins} bins")
         first = site_histograms_sum(source.cfg, source.run_dir, target, model=model,
                                     fmt="onnx", spec=coarse, classes=classes)  # fmt: skip
@@ -70,7 +72,7 @@ def federated_static_quantizer(
         second = site_histograms_sum(source.cfg, source.run_dir, target, model=model,
                                      fmt="onnx", spec=fine, classes=classes)  # fmt: skip
         ranges = ranges_from_histograms(fine, second)
-        return quantize_onnx_static_from_ranges(fp32, out, ranges)
+        return quantize_onnx_static_from_ranges(fp32, out, ranges, target=cpu_target)
 
     return quantize
 
@@ -159,7 +161,7 @@ def export_federated(
         staged = Path(tmp) / out_dir.name
         with _progress(progress, len(plans) + 2, console) as step:
             say = console.print if console is not None else log.info
-            quantizer = federated_static_quantizer(source, target, classes, say)
+            quantizer = federated_static_quantizer(source, target, classes, say, cpu_target)
             exported = export(
                 model, task, staged, private_key=private_key, version=version,
                 formats=formats, quantize=quantize, model_card=model_card, privacy=privacy,
