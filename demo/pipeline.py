@@ -6,8 +6,10 @@
    partition of the data.
 3. Fine-tune federatedly with SecAgg+ and record-level DP (``--no-privacy``:
    the plain path), printing accuracy and epsilon after every round.
-4. Export, quantize, validate and sign a bundle; benchmark it; deploy it to an
-   edge agent over the air and send it predictions.
+4. Export and quantize; calibrate static int8 and validate every artifact at the
+   sites (``fedge export --federated``: the sites' data decides what is signed; the
+   coordinator's public split only prints what central data would have said); sign a
+   bundle, benchmark it, deploy it to an edge agent over the air and send it predictions.
 
 Every process the demo starts is stopped on success, on error and on Ctrl-C.
 """
@@ -125,7 +127,7 @@ def run_demo(options: DemoOptions, console: Console) -> dict[str, Any]:
     cfg = demo_config(options, pretrained)
     summary: dict[str, Any] = {"pretrained_accuracy": pretrained_accuracy}
     with ProcessGroup() as group:
-        run_summary, tls = _federate(cfg, options, group, console)
+        run_summary, federation = _federate(cfg, options, group, console)
         summary.update(
             final_accuracy=run_summary.get("final_accuracy"),
             rounds=run_summary.get("rounds"),
@@ -133,7 +135,7 @@ def run_demo(options: DemoOptions, console: Console) -> dict[str, Any]:
             privacy=run_summary.get("privacy"),
             run_dir=cfg.run_dir,
         )
-        summary.update(_edge(out, Path(cfg.run_dir), tls, console))
+        summary.update(_edge(out, Path(cfg.run_dir), federation, console))
     summary["seconds"] = round(time.monotonic() - started, 1)
     from fedge.server.report.render import write_report
 
@@ -152,7 +154,7 @@ def run_demo(options: DemoOptions, console: Console) -> dict[str, Any]:
 def _federate(
     cfg: RunConfig, options: DemoOptions, group: ProcessGroup, console: Console
 ) -> tuple[dict[str, Any], Any]:
-    """Steps 2-3: a secured federation on loopback, and the run; returns its TLS files."""
+    """Steps 2-3: a secured federation on loopback, and the run; returns the federation."""
     from fedge.demo.loopback import LocalFederation
     from fedge.server.progress import RunProgress, rounds_table
 
@@ -174,18 +176,26 @@ def _federate(
     with RunProgress(console, cfg.num_rounds, show_eps) as progress:
         run_summary = federation.submit(cfg, on_event=progress.on_event)
     console.print(rounds_table(progress.rows, show_eps))
-    return run_summary, federation.tls
+    return run_summary, federation
 
 
-def _edge(out: Path, run_dir: Path, tls: Any, console: Console) -> dict[str, Any]:
-    """Step 4: export, validate, sign, bench and deploy the federated model."""
+def _edge(out: Path, run_dir: Path, federation: Any, console: Console) -> dict[str, Any]:
+    """Step 4: export, calibrate and validate at the sites, sign, bench and deploy."""
+    from fedge.demo.compare import central_comparison, render_comparison
     from fedge.demo.deployment import deploy_demo
     from fedge.edge.device.bench import bench_bundle, render_bench_table
+    from fedge.edge.export.federated import FederatedTarget
     from fedge.edge.export.pipeline import ArtifactsFailed, export_bundle
     from fedge.edge.export.quiet import log_path_for, quiet_output
     from fedge.shared.signing import generate_signing_key
 
-    console.rule("[bold]4. export, quantize, validate and sign the global model")
+    tls = federation.tls
+    target = FederatedTarget(
+        federation.address, None if tls is None else tls.ca_cert, federation.token
+    )
+    console.rule(
+        "[bold]4. export; calibrate static int8 and validate every artifact at the sites; sign"
+    )
     key = out / "keys" / "signing.key"
     public_key = generate_signing_key(key)
     log_path = log_path_for(out / "bundle")
@@ -194,7 +204,9 @@ def _edge(out: Path, run_dir: Path, tls: Any, console: Console) -> dict[str, Any
     with quiet_output(log_path, "fedge demo: export") as terminal:
         bar = Console(file=terminal, width=console.width)
         try:
-            report = export_bundle(run_dir, out / "bundle", signing_key=key, console=bar)
+            report = export_bundle(
+                run_dir, out / "bundle", signing_key=key, console=bar, federated=target
+            )
         except ArtifactsFailed as e:
             # The bundle holds the artifacts that passed; show which fell short and go on.
             failure, report = e, e.report
@@ -204,6 +216,9 @@ def _edge(out: Path, run_dir: Path, tls: Any, console: Console) -> dict[str, Any
     console.print(f"log of the converters: {log_path}")
     if report.bundle_dir is None:
         raise ExportError("no artifact passed validation: nothing to benchmark or deploy")
+    with quiet_output(log_path, "fedge demo: central comparison"):
+        comparison = central_comparison(report.bundle_dir, run_dir)
+    console.print(render_comparison(comparison, report.note))
     console.rule("[bold]5. benchmark every artifact with the torch-free runtime")
     rows = bench_bundle(report.bundle_dir, public_key, iterations=50)
     console.print(render_bench_table(rows))
@@ -213,6 +228,8 @@ def _edge(out: Path, run_dir: Path, tls: Any, console: Console) -> dict[str, Any
     return {
         "bundle": str(report.bundle_dir),
         "validation": report.rows,
+        "federated_validation": report.note,
+        "central_comparison": comparison,
         "skipped_artifacts": report.skipped,
         "deployment": deployment,
     }
