@@ -100,7 +100,9 @@ def export(
     out_dir = out if out is not None else default
     target = None
     if federated is None:
-        federated = _no_central_data(source) and eval_data is None and calibration is None
+        federated = (
+            validate and eval_data is None and calibration is None and _no_central_data(source)
+        )
     if federated:
         target = _federated_target(server, ca, insecure, token_file, count_noise)
     log_path = log_path_for(out_dir)

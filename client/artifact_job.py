@@ -6,10 +6,12 @@ site runs each artifact with the torch-free device runtime (``fedge.edge.device.
 the code a device runs) on its local held-out split, the same split training held out,
 and replies with one flat count vector (``fedge.shared.federated_counts``): examples,
 correct predictions and top-1 agreements with the fp32 PyTorch model per artifact,
-optionally confusion matrices. No logits, no per-example values, no site name leave the
-site. Everything the coordinator chose (sizes, names, counts of arrays, the job itself)
-is bounded and checked before anything is written or run; a check that fails refuses
-the job with a clear reason, which reaches the server as a failed reply.
+optionally confusion matrices. A histogram job measures the fp32 model on (up to 2048
+examples of) the training split instead and returns ``site_histograms``' bin counts. No
+logits, no per-example values, no site name leave the site. Everything the coordinator
+chose (sizes, names, counts of arrays, the job itself) is bounded and checked before
+anything is written or run; a check that fails refuses the job with a clear reason, which
+reaches the server as a failed reply.
 
 No Flower imports: ``fedge.client.app`` unpacks the message and calls ``answer``.
 """

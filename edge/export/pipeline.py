@@ -531,6 +531,8 @@ def export_bundle(
     plans, _ = plan_artifacts(formats, quantize)
     needs_calibration = any(p.quantization == "static" for p in plans)
     if federated is not None:
+        if not validate:
+            raise ConfigError("--federated validates at the sites; it cannot be --no-validate")
         return _export_bundle_federated(
             source, ckpt, cfg, model, out_dir, federated, private_key=private_key,
             version=version, formats=formats, quantize=quantize,
