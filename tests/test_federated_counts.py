@@ -186,3 +186,36 @@ def test_run_config_job_is_validated() -> None:
     assert RunConfig.from_flower({"job": "artifacts"}).job == "artifacts"
     with pytest.raises(ConfigError, match="unknown job"):
         RunConfig.from_flower({"job": "mine-bitcoin"})
+
+
+def test_export_of_a_task_without_central_data_goes_to_the_sites(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from fedge.cli.export import export, validate
+    from fedge.shared.errors import ConnectionFailed
+    from fedge.shared.ml.checkpoint import save_checkpoint
+    from fedge.shared.ml.data import task_for_run
+    from fedge.shared.ml.models import build_run_model
+    from fedge.shared.processes import free_port
+    from fedge.shared.signing import generate_signing_key
+
+    cfg = RunConfig(task="images", classes="a,b", image_size=8, run_dir=str(tmp_path / "run"))
+    task = task_for_run(cfg)
+    model = build_run_model(cfg, task, load_weights=False)
+    run = tmp_path / "run"
+    save_checkpoint(run / "model.safetensors", model.state_dict(), 1, "cnn", task, cfg.to_flower())
+    key = tmp_path / "signing.key"
+    generate_signing_key(key)
+    app = typer.Typer()
+    app.command()(export)
+    app.command()(validate)
+    server = f"127.0.0.1:{free_port()}"  # nothing listens: the federated path fails fast
+    common = ["export", str(run), "--key", str(key), "--server", server, "--insecure"]
+    federated = CliRunner().invoke(app, common)
+    assert isinstance(federated.exception, ConnectionFailed), federated.output
+    assert "evaluate at the sites" in str(federated.exception)
+    central = CliRunner().invoke(app, [*common, "--central"])
+    assert isinstance(central.exception, ConfigError) and "--eval-data" in str(central.exception)

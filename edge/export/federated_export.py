@@ -150,10 +150,19 @@ def export_federated(
         export,
         plan_artifacts,
     )
+    from fedge.shared.errors import ConnectionFailed
+    from fedge.shared.processes import port_open, split_address
 
     check_choices(formats, quantize)
     out_dir = Path(out_dir)
     bundle_writer.check_destination(out_dir, force)
+    host, port = split_address(target.superlink)
+    if not port_open(host, port, timeout=3.0):  # before minutes of conversion, not after
+        raise ConnectionFailed(
+            f"cannot reach the server at {target.superlink} to evaluate at the sites",
+            hint="pass --server HOST:PORT of the run's SuperLink, or --central with "
+            "--eval-data/--calibration",
+        )
     plans, _ = plan_artifacts(formats, quantize)
     classes = len(task.classes)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
