@@ -190,12 +190,13 @@ def _federated_target(
     """The SuperLink, CA and credential to reach the run's sites (as `fedge run` finds them)."""
     from fedge.cli.run import _control_token, _root_certificates
     from fedge.edge.export.federated import FederatedTarget
+    from fedge.server.submit import submit_run
     from fedge.shared.errors import ConfigError
 
     if not 0 <= count_noise <= 1e6:
         raise ConfigError("--count-noise must be in [0, 1e6]")
     return FederatedTarget(
-        server, _root_certificates(ca, insecure), _control_token(token_file),
+        server, _root_certificates(ca, insecure), _control_token(token_file), submit_run,
         count_noise_multiplier=count_noise,
     )  # fmt: skip
 

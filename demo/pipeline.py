@@ -187,12 +187,12 @@ def _edge(out: Path, run_dir: Path, federation: Any, console: Console) -> dict[s
     from fedge.edge.export.federated import FederatedTarget
     from fedge.edge.export.pipeline import ArtifactsFailed, export_bundle
     from fedge.edge.export.quiet import log_path_for, quiet_output
+    from fedge.server.submit import submit_run
     from fedge.shared.signing import generate_signing_key
 
     tls = federation.tls
-    target = FederatedTarget(
-        federation.address, None if tls is None else tls.ca_cert, federation.token
-    )
+    ca = None if tls is None else tls.ca_cert
+    target = FederatedTarget(federation.address, ca, federation.token, submit_run)
     console.rule(
         "[bold]4. export; calibrate static int8 and validate every artifact at the sites; sign"
     )

@@ -15,6 +15,7 @@ run was trained with SecAgg+, so export evaluates with SecAgg+. Checked in one e
   sums.
 """
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -107,6 +108,7 @@ def test_federated_export_of_an_image_folder_task(
     from fedge.edge.export.federated import FederatedTarget, evaluate_artifacts
     from fedge.edge.export.federated_export import FederatedSource
     from fedge.edge.export.pipeline import ArtifactsFailed
+    from fedge.server.submit import submit_run
     from fedge.shared.signing import generate_signing_key
 
     folders = write_digit_sites(tmp_path / "data", SITES)
@@ -139,14 +141,14 @@ def test_federated_export_of_an_image_folder_task(
         card = json.loads((out / bundle.MODEL_CARD).read_text())
         names = {Path(a.file).name: a for a in manifest.artifacts}
         # The real federated calibration (two histogram passes through the sites, SecAgg+).
-        target = FederatedTarget(fed.address, fed.tls.ca_cert, fed.token)
+        target = FederatedTarget(fed.address, fed.tls.ca_cert, fed.token, submit_run)
         source = FederatedSource(cfg, run_dir, run_dir / "model.safetensors")
         fedcal = tmp_path / "model-int8-fedcal.onnx"
         federated_calibration(source, target, 10)(out / names["model-fp32.onnx"].file, fedcal)
         extended, manifest_json = with_artifact(out, fedcal, tmp_path / "extended")
         files = sorted((extended / "artifacts").iterdir())
         plain = evaluate_artifacts(
-            cfg, run_dir, FederatedTarget(fed.address, fed.tls.ca_cert, fed.token, secagg=False),
+            cfg, run_dir, dataclasses.replace(target, secagg=False),
             manifest=manifest_json, checkpoint=(run_dir / "model.safetensors").read_bytes(),
             artifacts={f.name: f.read_bytes() for f in files}, classes=10,
         )  # fmt: skip

@@ -13,7 +13,8 @@ ALLOWED = {
     "shared": set(),
     "shared/ml": {"shared"},
     "server": {"shared", "shared/ml"},
-    "client": {"shared", "shared/ml"},
+    # A site runs export's candidate artifacts with the device runtime (federated validation).
+    "client": {"shared", "shared/ml", "edge/device"},
     "edge/export": {"shared", "shared/ml", "edge/device"},  # validation runs the device runtime
     "edge/device": {"shared"},
 }

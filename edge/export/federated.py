@@ -10,7 +10,7 @@ privacy settings apply: a run trained with SecAgg+ is evaluated with SecAgg+.
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,23 @@ from fedge.shared.errors import RunError
 log = logging.getLogger(__name__)
 
 
+# ``fedge.server.submit.submit_run``'s signature: (cfg, superlink, root_certificates,
+# on_event=..., token=...) -> the run's summary. Passed in: export does not import server.
+Submit = Callable[..., dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class FederatedTarget:
-    """Where the run's sites are reached: the SuperLink, its CA, the operator's token."""
+    """Where the run's sites are reached: the SuperLink, its CA, the operator's token.
+
+    ``submit`` is how a run reaches the SuperLink: ``fedge.server.submit.submit_run``
+    (the CLI and the demo pass it; the export side does not import the server).
+    """
 
     superlink: str
-    root_certificates: Path | None = None
-    token: str | None = None
+    root_certificates: Path | None
+    token: str | None
+    submit: Submit
     min_sites: int = 0  # 0: the run's min-clients
     secagg: bool | None = None  # None: as the run was trained
     count_noise_multiplier: float = 0.0
@@ -96,12 +106,10 @@ def run_job(
     ConnectionFailed, SecurityError, RunError
         The server cannot be reached, refuses the credential, or the job fails.
     """
-    from fedge.server.submit import submit_run
-
     job_cfg = job_config(cfg, run_dir, target)
     min_sites = target.min_sites or cfg.min_clients
     artifact_job_dir.stage_job(run_dir, job, files, min_sites)
-    summary = submit_run(
+    summary = target.submit(
         job_cfg, target.superlink, target.root_certificates, on_event=target.on_event,
         token=target.token,
     )  # fmt: skip
@@ -180,7 +188,7 @@ def site_histograms_sum(
         kind="histogram", classes=classes, fmt=fmt, bin_spec=spec.to_json(),
         total_bins=int(spec.total_bins), digits=fc.HISTOGRAM_DIGITS,
     )  # fmt: skip
-    quiet = FederatedTarget(**{**target.__dict__, "count_noise_multiplier": 0.0})
+    quiet = replace(target, count_noise_multiplier=0.0)
     result = run_job(cfg, run_dir, quiet, job, {f"model.{fmt}": model})
     try:
         if result.get("job") != job.to_json():
