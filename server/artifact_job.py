@@ -14,7 +14,8 @@ records what it received (``aggregation``: results and distinct vectors) so that
 can be checked from outside. With ``privacy.count-noise-multiplier`` z > 0, Gaussian
 noise of standard deviation z times the per-record L2 sensitivity is added to the summed
 evaluate counts before they are written, and the epsilon of that single Gaussian release
-is recorded (RDP accountant, ``fedge.server.privacy``). What the coordinator learns is
+is recorded (RDP accountant, ``fedge.server.privacy``); histogram sums likewise, with the
+histograms' own sensitivity. What the coordinator learns is
 the sums (noised or not), the number of sites that answered, and which sites failed.
 """
 
@@ -45,7 +46,7 @@ from fedge.server.events import Event
 from fedge.shared import artifact_job_dir, records
 from fedge.shared import federated_counts as fc
 from fedge.shared.config import RunConfig
-from fedge.shared.errors import ConfigError, RunError
+from fedge.shared.errors import RunError
 
 log = logging.getLogger(__name__)
 # How long the job waits for its sites to connect before it gives up.
@@ -147,27 +148,39 @@ class ArtifactJobStrategy(Strategy):
 def count_noise(
     job: fc.ArtifactJob, sums: np.ndarray, cfg: RunConfig, seed: int | None = None
 ) -> tuple[list[float], dict[str, Any]]:
-    """The released sums: exact, or with Gaussian noise and the epsilon of that release."""
+    """The released sums: exact, or with Gaussian noise and the epsilon of that release.
+
+    Evaluate jobs: sensitivity ``fc.evaluation_sensitivity`` (one example at one site).
+    Histogram jobs: fedcalib's ``gaussian_noise`` with ``l2_sensitivity(spec)`` (one record;
+    ``fedge.shared.activation_histograms``). Either is one Gaussian release, accounted alone;
+    the export composes its releases (``fedge.edge.export.federated_export``).
+    """
     z = cfg.privacy.count_noise_multiplier
     if z <= 0:
         return [float(v) for v in sums], {"mechanism": None}
-    if job.kind != "evaluate":
-        raise ConfigError("count noise is implemented for artifact evaluation only")
     from fedge.server.privacy import site_level_epsilon
 
-    sensitivity = fc.evaluation_sensitivity(job)
-    sigma = z * sensitivity
     rng = np.random.default_rng(seed)
-    noisy = sums.astype(np.float64) + rng.normal(0.0, sigma, size=sums.shape)
-    noisy[fc.SLOT_SITES] = float(sums[fc.SLOT_SITES])  # the number of sites is public
+    if job.kind == "histogram":
+        from fedge.shared.activation_histograms import BinSpec, gaussian_noise, l2_sensitivity
+
+        spec = BinSpec.from_json(job.bin_spec)
+        sensitivity = l2_sensitivity(spec)
+        noisy = gaussian_noise(sums, spec, z, rng).astype(np.float64)
+        unit = "one record at one site (add or remove)"
+    else:
+        sensitivity = fc.evaluation_sensitivity(job)
+        noisy = sums.astype(np.float64) + rng.normal(0.0, z * sensitivity, size=sums.shape)
+        noisy[fc.SLOT_SITES] = float(sums[fc.SLOT_SITES])  # the number of sites is public
+        unit = "one example at one site (add or remove)"
     delta = cfg.privacy.delta
     epsilon = site_level_epsilon(z, 1.0, 1, delta)
     return [float(v) for v in noisy], {
         "mechanism": "gaussian",
-        "unit": "one example at one site (add or remove)",
+        "unit": unit,
         "l2_sensitivity": sensitivity,
         "noise_multiplier": z,
-        "sigma": sigma,
+        "sigma": z * sensitivity,
         "delta": delta,
         "epsilon": epsilon if math.isfinite(epsilon) else None,
         "accountant": "rdp",

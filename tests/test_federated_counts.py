@@ -177,8 +177,17 @@ def test_count_noise_is_off_by_default_and_accounted_when_asked() -> None:
     assert noisy != exact and noisy[fc.SLOT_SITES] == 3
     assert dp["sigma"] == 2.0 * fc.evaluation_sensitivity(j)
     assert dp["epsilon"] == site_level_epsilon(2.0, 1.0, 1, 1e-5)
-    with pytest.raises(ConfigError, match="evaluation only"):
-        count_noise(job(kind="histogram", fmt="onnx", total_bins=4), np.zeros(4, int), cfg)
+    from fedge.edge.export.federated_export import composed_privacy
+    from fedge.shared.activation_histograms import BinSpec, TensorBins
+
+    spec = BinSpec("fine", (TensorBins("t", -1.0, 1.0, 4, 16),))
+    hist = job(kind="histogram", fmt="onnx", bin_spec=spec.to_json(), total_bins=4)
+    noisy_bins, hist_dp = count_noise(hist, np.array([5, 0, 7, 1]), cfg, seed=2)
+    assert hist_dp["l2_sensitivity"] == 16.0 and min(noisy_bins) >= 0
+    assert noisy_bins != [5.0, 0.0, 7.0, 1.0]
+    total = composed_privacy([hist_dp, hist_dp, dp])
+    assert total is not None and total["epsilon"] == site_level_epsilon(2.0, 1.0, 3, 1e-5)
+    assert composed_privacy([]) is None
 
 
 def test_run_config_job_is_validated() -> None:

@@ -10,7 +10,7 @@ privacy settings apply: a run trained with SecAgg+ is evaluated with SecAgg+.
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -179,23 +179,27 @@ def site_histograms_sum(
     fmt: str,
     spec: Any,
     classes: int,
+    releases: list[dict[str, Any]] | None = None,
 ) -> np.ndarray:
     """The sum over the sites of ``site_histograms(model, fmt, x, spec)``: one calibration pass.
 
-    Histograms are summed exactly (no count noise: ``fedge.server.artifact_job``).
+    With ``target.count_noise_multiplier`` the server adds Gaussian noise to the sum
+    (``fedge.server.artifact_job.count_noise``); the release's DP record is appended to
+    ``releases``.
     """
     job = fc.ArtifactJob(
         kind="histogram", classes=classes, fmt=fmt, bin_spec=spec.to_json(),
         total_bins=int(spec.total_bins), digits=fc.HISTOGRAM_DIGITS,
     )  # fmt: skip
-    quiet = replace(target, count_noise_multiplier=0.0)
-    result = run_job(cfg, run_dir, quiet, job, {f"model.{fmt}": model})
+    result = run_job(cfg, run_dir, target, job, {f"model.{fmt}": model})
     try:
         if result.get("job") != job.to_json():
             raise ValueError("the result is for another job")
         sums = np.asarray(result["sums"], dtype=np.float64)
         if sums.shape != (job.length,):
             raise ValueError(f"{sums.shape} sums for {job.length} bins")
+        if releases is not None and result["dp"].get("mechanism"):
+            releases.append(dict(result["dp"]))
     except (KeyError, TypeError, ValueError) as e:
         raise RunError(f"the histogram job's result is unreadable: {e}") from e
     return np.rint(sums).astype(np.int64)

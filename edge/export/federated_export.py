@@ -51,8 +51,12 @@ def federated_static_quantizer(
     classes: int,
     say: Callable[[str], None] = log.info,
     cpu_target: str = "x86-64",
+    releases: list[dict[str, Any]] | None = None,
 ) -> Callable[[Path, Path], Path]:
-    """``(fp32_onnx, out) -> out``: static int8 ONNX from ranges the sites' histograms give."""
+    """``(fp32_onnx, out) -> out``: static int8 ONNX from ranges the sites' histograms give.
+
+    Each noisy histogram release's DP record is appended to ``releases``.
+    """
 
     def quantize(fp32: Path, out: Path) -> Path:
         from fedge.edge.export.federated_quantize import (
@@ -66,15 +70,40 @@ def federated_static_quantizer(
         model, coarse = onnx_coarse_spec(fp32)
         say(f"federated calibration, pass 1: {coarse.total_bins} bins")
         first = site_histograms_sum(source.cfg, source.run_dir, target, model=model,
-                                    fmt="onnx", spec=coarse, classes=classes)  # fmt: skip
+                                    fmt="onnx", spec=coarse, classes=classes,
+                                    releases=releases)  # fmt: skip
         fine = refine_spec(coarse, first)
         say(f"federated calibration, pass 2: {fine.total_bins} bins")
         second = site_histograms_sum(source.cfg, source.run_dir, target, model=model,
-                                     fmt="onnx", spec=fine, classes=classes)  # fmt: skip
+                                     fmt="onnx", spec=fine, classes=classes,
+                                     releases=releases)  # fmt: skip
         ranges = ranges_from_histograms(fine, second)
         return quantize_onnx_static_from_ranges(fp32, out, ranges, target=cpu_target)
 
     return quantize
+
+
+def composed_privacy(releases: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The export's DP on counts: every Gaussian release composed (RDP), or None without noise.
+
+    Calibration's two histogram sums and the evaluation's sums are three releases about the
+    same records; their epsilons compose.
+    """
+    if not releases:
+        return None
+    import dp_accounting
+
+    delta = float(releases[0]["delta"])
+    accountant = dp_accounting.rdp.RdpAccountant()
+    for release in releases:
+        accountant.compose(dp_accounting.GaussianDpEvent(float(release["noise_multiplier"])))
+    return {
+        "releases": releases,
+        "epsilon": float(accountant.get_epsilon(delta)),
+        "delta": delta,
+        "accountant": "rdp",
+        "scope": "what the export published (model card); the coordinator saw the sums",
+    }
 
 
 def validate_federated(
@@ -170,7 +199,10 @@ def export_federated(
         staged = Path(tmp) / out_dir.name
         with _progress(progress, len(plans) + 2, console) as step:
             say = console.print if console is not None else log.info
-            quantizer = federated_static_quantizer(source, target, classes, say, cpu_target)
+            releases: list[dict[str, Any]] = []
+            quantizer = federated_static_quantizer(
+                source, target, classes, say, cpu_target, releases
+            )
             exported = export(
                 model, task, staged, private_key=private_key, version=version,
                 formats=formats, quantize=quantize, model_card=model_card, privacy=privacy,
@@ -195,6 +227,9 @@ def export_federated(
         )  # fmt: skip
         card["validation_data"]["eval_data"] = evaluation.statement()
         card["validation_data"]["federated"] = evaluation.card()
+        if evaluation.dp.get("mechanism"):
+            releases.append(evaluation.dp)
+        card["validation_data"]["federated"]["count_noise"] = composed_privacy(releases)
         card["validation_data"]["probe"] = "synthetic standard-normal inputs (no data)"
         bundle_writer.record_validation(
             staged, results, self_test_inputs=x,
