@@ -27,7 +27,9 @@ import json
 import math
 import re
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +45,7 @@ __all__ = [
     "gaussian_noise",
     "l2_sensitivity",
     "model_input_shape",
+    "onnx_with_outputs",
     "refine_spec",
     "site_histograms",
     "split_counts",
@@ -413,22 +416,28 @@ def _tflite_tensors(model_bytes: bytes) -> list[str]:
         engine = quantizer.Quantizer(model_bytes)
         engine.load_quantization_recipe(recipe.static_wi8_ai8())
         signature, input_name = tflite_signature(model_bytes)
-        result = engine.calibrate({signature: [{input_name: np.zeros((1, *shape), np.float32)}]})
+        with quiet_preserve_warning():
+            zero = np.zeros((1, *shape), np.float32)
+            result = engine.calibrate({signature: [{input_name: zero}]})
     except Exception as e:  # the quantizer raises many types
         raise ModelError(f"ai-edge-quantizer cannot calibrate the model: {e}") from e
     return sorted(result)
 
 
+@contextmanager
+def quiet_preserve_warning() -> Iterator[None]:
+    """Hide LiteRT's "preserve_all_tensors is for debugging" warning: calibration needs it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
+        yield
+
+
 def _tflite_interpreter(model_bytes: bytes, preserve: bool) -> Any:
     """A LiteRT interpreter as ai-edge-quantizer's calibrator makes one (XNNPACK on)."""
-    import warnings
-
     from ai_edge_litert.interpreter import Interpreter
 
     try:
-        with warnings.catch_warnings():
-            # "preserve_all_tensors ... is intended for debugging": it is what calibration needs.
-            warnings.simplefilter("ignore", UserWarning)
+        with quiet_preserve_warning():
             interpreter = Interpreter(
                 model_content=bytes(model_bytes), experimental_preserve_all_tensors=preserve
             )
@@ -474,8 +483,11 @@ def _onnx_session(model_bytes: bytes) -> Any:
         raise ModelError(f"ONNX Runtime cannot load the model: {e}") from e
 
 
-def _onnx_with_outputs(model_bytes: bytes, names: tuple[str, ...]) -> bytes:
-    """``model_bytes`` with ``names`` added as graph outputs (ORT calibrater's augmentation)."""
+def onnx_with_outputs(model_bytes: bytes, names: tuple[str, ...]) -> bytes:
+    """``model_bytes`` with ``names`` added as graph outputs (ORT calibrater's augmentation).
+
+    The server ships models augmented this way, so that a site needs only ONNX Runtime.
+    """
     import onnx
     from onnx import shape_inference
 
@@ -504,7 +516,7 @@ def _activations(
         outputs = {o.name for o in session.get_outputs()}
         if not set(names) <= outputs:
             # A model that does not expose the tensors yet: augment it as ORT's calibrater does.
-            session = _onnx_session(_onnx_with_outputs(model_bytes, names))
+            session = _onnx_session(onnx_with_outputs(model_bytes, names))
         input_name = session.get_inputs()[0].name
         for start in range(0, len(x), BATCH):
             batch = x[start : start + BATCH]

@@ -23,7 +23,6 @@ from fedge.edge.export.calibration import CalibrationReader
 from fedge.edge.export.federated_quantize import (
     onnx_coarse_spec,
     quantize_onnx_static_from_ranges,
-    quantize_tflite_static_from_ranges,
     ranges_from_histograms,
 )
 from fedge.edge.export.quantize import quantize_onnx_static
@@ -31,13 +30,12 @@ from fedge.shared.activation_histograms import (
     COARSE_PER_OCTAVE,
     BinSpec,
     TensorBins,
-    coarse_spec,
     gaussian_noise,
     l2_sensitivity,
     refine_spec,
     site_histograms,
 )
-from fedge.shared.errors import DataError, ExportError, ModelError
+from fedge.shared.errors import ConfigError, DataError, ExportError, ModelError
 
 SITES = 3
 AGREEMENT_SLACK = 0.005  # the issue's "within 0.5 points of top-1 agreement"
@@ -85,39 +83,55 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {
         "model": model, "folder": folder, "fp32": fp32, "union": x[order],
         "sites": np.array_split(x[order], SITES), "test": prepare(test.x, task.preprocessing),
+        "test_y": test.y,
     }  # fmt: skip
 
 
-def _federated_ranges(model: bytes, fmt: str, spec: BinSpec, sites: list[np.ndarray]) -> Any:
-    coarse = sum(site_histograms(model, fmt, x, spec) for x in sites)
-    fine = refine_spec(spec, np.asarray(coarse))
-    summed = sum(site_histograms(model, fmt, x, fine) for x in sites)
-    return ranges_from_histograms(fine, np.asarray(summed))
+@pytest.fixture(scope="module")
+def bundle(digits: dict[str, Any]) -> dict[str, Any]:
+    """A bundle whose static int8 ONNX and TFLite come from federated ranges.
+
+    ``pipeline.export`` gets ``federated_static_quantizer`` for both formats, with an
+    in-process "round" that sums the three sites' histograms (Flower's job elsewhere).
+    """
+    from fedge.edge.export.federated_quantize import federated_static_quantizer
+    from fedge.edge.export.pipeline import export
+    from fedge.shared import signing
+    from fedge.shared.config import RunConfig
+    from fedge.shared.ml.data import task_for_run
+
+    calls: list[tuple[str, str]] = []
+
+    def sum_at_sites(model: bytes, fmt: str, spec: BinSpec) -> np.ndarray:
+        calls.append((fmt, spec.kind))
+        return np.sum([site_histograms(model, fmt, x, spec) for x in digits["sites"]], axis=0)
+
+    folder = digits["folder"]
+    signing.generate_signing_key(folder / "signing.key")
+    exported = export(
+        digits["model"], task_for_run(RunConfig.from_mapping({"num_rounds": 2})),
+        folder / "bundle", private_key=signing.load_private_key(folder / "signing.key"),
+        version="fedcal", sample=torch.from_numpy(digits["test"][:1]), calibration=None,
+        formats=("onnx", "tflite"), quantize=("none", "static"),
+        static_quantizer=federated_static_quantizer("onnx", sum_at_sites),
+        static_tflite_quantizer=federated_static_quantizer("tflite", sum_at_sites),
+    )  # fmt: skip
+    return {"exported": exported, "calls": calls, "dir": folder / "bundle" / "artifacts"}
 
 
-def test_site_sums_equal_the_union_histogram(digits: dict[str, Any]) -> None:
-    model, spec = onnx_coarse_spec(digits["fp32"])
-    assert "input" in spec.names and "logits" in spec.names and len(spec.names) >= 8
-    per_site = [site_histograms(model, "onnx", x, spec) for x in digits["sites"]]
-    summed = np.sum(per_site, axis=0)
-    union = site_histograms(model, "onnx", digits["union"], spec)
-    assert summed.dtype == np.int64 and summed.shape == (spec.total_bins,)
-    np.testing.assert_array_equal(summed, union)
-    # Pass 1 counts records: each tensor's counts add up to the number of examples.
-    assert summed.sum() == len(digits["union"]) * len(spec.tensors)
-    fine = refine_spec(spec, summed)
-    fine_sum = np.sum([site_histograms(model, "onnx", x, fine) for x in digits["sites"]], axis=0)
-    np.testing.assert_array_equal(fine_sum, site_histograms(model, "onnx", digits["union"], fine))
-    assert fine_sum.sum() == len(digits["union"]) * sum(t.elements for t in fine.tensors)
+def test_pipeline_builds_static_int8_from_federated_ranges(bundle: dict[str, Any]) -> None:
+    expected = [("onnx", "coarse"), ("onnx", "fine"), ("tflite", "coarse"), ("tflite", "fine")]
+    assert sorted(bundle["calls"]) == expected
+    exported = bundle["exported"]
+    assert not exported.skipped
+    assert {"model-int8-static.onnx", "model-int8-static.tflite"} <= set(exported.sizes)
 
 
-def test_federated_onnx_agrees_like_central(digits: dict[str, Any]) -> None:
-    folder, fp32, test = digits["folder"], digits["fp32"], digits["test"]
-    model, spec = onnx_coarse_spec(fp32)
-    ranges = _federated_ranges(model, "onnx", spec, digits["sites"])
-    federated = quantize_onnx_static_from_ranges(fp32, folder / "fed.onnx", ranges)
+def test_federated_onnx_agrees_like_central(digits: dict[str, Any], bundle: dict[str, Any]) -> None:
+    fp32, federated = bundle["dir"] / "model-fp32.onnx", bundle["dir"] / "model-int8-static.onnx"
     reader = CalibrationReader(digits["union"])
-    central = quantize_onnx_static(fp32, folder / "central.onnx", reader)
+    central = quantize_onnx_static(fp32, digits["folder"] / "central.onnx", reader)
+    test = digits["test"]
     reference = _onnx_logits(fp32, test)
     fed_agree = _agreement(_onnx_logits(federated, test), reference)
     central_agree = _agreement(_onnx_logits(central, test), reference)
@@ -130,25 +144,26 @@ def test_federated_onnx_agrees_like_central(digits: dict[str, Any]) -> None:
     assert ops.count("QuantizeLinear") >= 5
 
 
-def test_federated_tflite_agrees_like_central(digits: dict[str, Any]) -> None:
+@pytest.mark.filterwarnings("ignore:Warning. Enabling .experimental_preserve_all_tensors")
+def test_federated_tflite_agrees_like_central(
+    digits: dict[str, Any], bundle: dict[str, Any]
+) -> None:
     from ai_edge_quantizer import quantizer, recipe
 
-    from fedge.edge.export.tflite_export import export_tflite
     from fedge.shared.activation_histograms import tflite_signature
 
-    folder, test = digits["folder"], digits["test"]
-    fp32 = export_tflite(digits["model"], torch.from_numpy(test[:1]), folder / "fp32.tflite")
+    fp32 = bundle["dir"] / "model-fp32.tflite"
+    federated = bundle["dir"] / "model-int8-static.tflite"
     model = fp32.read_bytes()
-    ranges = _federated_ranges(model, "tflite", coarse_spec(model, "tflite"), digits["sites"])
-    federated = quantize_tflite_static_from_ranges(fp32, folder / "fed.tflite", ranges)
     # Central: ai-edge-quantizer's own calibration on the union of the sites' data.
     engine = quantizer.Quantizer(model)
     engine.load_quantization_recipe(recipe.static_wi8_ai8())
     signature, name = tflite_signature(model)
     result = engine.calibrate({signature: [{name: row[None]} for row in digits["union"]]})
-    central = folder / "central.tflite"
+    central = digits["folder"] / "central.tflite"
     quantized = engine.quantize(calibration_result=result, enable_progress_report=False)
     central.write_bytes(bytes(quantized.quantized_model))
+    test = digits["test"]
     reference = _tflite_logits(fp32, test)
     fed_agree = _agreement(_tflite_logits(federated, test), reference)
     central_agree = _agreement(_tflite_logits(central, test), reference)
@@ -254,7 +269,7 @@ BLOCKER = textwrap.dedent(
 
     class Blocker(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "flwr", "sklearn", "ai_edge_quantizer"):
+            if name.split(".")[0] in ("torch", "flwr", "sklearn", "ai_edge_quantizer", "onnx"):
                 raise ImportError(f"{name} is blocked at a site")
             return None
 
@@ -269,7 +284,7 @@ BLOCKER = textwrap.dedent(
 )
 
 
-def test_site_side_runs_without_torch_or_flwr(digits: dict[str, Any], tmp_path: Path) -> None:
+def test_site_side_runs_without_torch_flwr_or_onnx(digits: dict[str, Any], tmp_path: Path) -> None:
     model, spec = onnx_coarse_spec(digits["fp32"])
     x = digits["sites"][1][:10]
     (tmp_path / "m.onnx").write_bytes(model)
@@ -282,3 +297,42 @@ def test_site_side_runs_without_torch_or_flwr(digits: dict[str, Any], tmp_path: 
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout.strip()) == int(site_histograms(model, "onnx", x, spec).sum())
+
+
+def test_static_tflite_is_planned_only_with_federated_ranges() -> None:
+    from fedge.edge.export.pipeline import plan_artifacts
+
+    with pytest.raises(ConfigError, match="dynamic-range only unless federated"):
+        plan_artifacts(("tflite",), ("static",))
+    plans, skipped = plan_artifacts(("tflite",), ("static",), static_tflite=True)
+    assert [(p.name, p.bundled) for p in plans] == [
+        ("model-fp32.tflite", False), ("model-int8-static.tflite", True),
+    ]  # fmt: skip
+    assert not skipped
+    plans, _ = plan_artifacts(("onnx", "tflite"), ("dynamic", "static"), static_tflite=True)
+    assert {"model-int8.tflite", "model-int8-static.tflite", "model-int8-static.onnx"} <= {
+        p.name for p in plans
+    }
+
+
+def test_range_methods_against_the_true_activations(digits: dict[str, Any]) -> None:
+    import onnxruntime as ort
+
+    model, spec = onnx_coarse_spec(digits["fp32"])
+    union = digits["union"]
+    fine = refine_spec(spec, site_histograms(model, "onnx", union, spec), quantile=1.0)
+    summed = site_histograms(model, "onnx", union, fine)
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    values = dict(zip(fine.names, session.run(list(fine.names), {"input": union}), strict=True))
+    minmax = ranges_from_histograms(fine, summed, "minmax")
+    for method in ("percentile", "entropy"):
+        ranges = ranges_from_histograms(fine, summed, method)
+        for t in fine.tensors:
+            width = (t.hi - t.lo) / t.bins
+            lo, hi = ranges[t.name]
+            assert minmax[t.name][0] - width <= lo <= hi <= minmax[t.name][1] + width
+    for t in fine.tensors:  # quantile 1.0: nothing clamped, so min/max within one fine bin
+        width = (t.hi - t.lo) / t.bins
+        true_lo, true_hi = min(values[t.name].min(), 0.0), max(values[t.name].max(), 0.0)
+        assert abs(minmax[t.name][0] - true_lo) <= width
+        assert abs(minmax[t.name][1] - true_hi) <= width

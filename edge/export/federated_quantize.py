@@ -18,7 +18,7 @@ import contextlib
 import io
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +34,8 @@ from fedge.edge.export.quantize import (
 from fedge.shared.activation_histograms import (
     BinSpec,
     coarse_spec,
+    onnx_with_outputs,
+    refine_spec,
     split_counts,
 )
 from fedge.shared.atomic import atomic_path
@@ -43,6 +45,9 @@ log = logging.getLogger(__name__)
 
 RangeMethod = Literal["percentile", "entropy", "minmax"]
 Ranges = dict[str, tuple[float, float]]
+# ``(model_bytes, fmt, spec) -> summed counts``: one pass at every site, summed (a Flower
+# round with plain sum or SecAgg+, DP noise added by it if the run asks for noise).
+SumAtSites = Callable[[bytes, str, BinSpec], np.ndarray]
 # ORT's defaults in ``create_calibrator``: percentile 99.999 on |x| (symmetric),
 # entropy over 128 signed bins with 128 quantized bins.
 PERCENTILE = 99.999
@@ -60,9 +65,14 @@ def calibration_model(fp32_onnx: Path | str) -> bytes:
 
 
 def onnx_coarse_spec(fp32_onnx: Path | str) -> tuple[bytes, BinSpec]:
-    """``(model bytes for the sites, pass-1 spec)`` for an fp32 ONNX file."""
+    """``(model bytes for the sites, pass-1 spec)`` for an fp32 ONNX file.
+
+    The bytes are the prepared model with the spec's tensors added as outputs, so a
+    site runs them with ONNX Runtime alone (no ``onnx`` package).
+    """
     model = calibration_model(fp32_onnx)
-    return model, coarse_spec(model, "onnx")
+    spec = coarse_spec(model, "onnx")
+    return onnx_with_outputs(model, spec.names), spec
 
 
 def _occupied_range(t_lo: float, t_hi: float, counts: np.ndarray) -> tuple[float, float]:
@@ -158,6 +168,45 @@ def _ort_thresholds(histograms: dict[str, tuple[Any, ...]], method: str) -> dict
     with contextlib.redirect_stdout(io.StringIO()):
         result: dict[str, Any] = collector.compute_collection_result()
     return result
+
+
+def federated_ranges(
+    model: bytes, fmt: str, spec: BinSpec, sum_at_sites: SumAtSites, method: str = "percentile"
+) -> Ranges:
+    """Both passes through ``sum_at_sites``, then ``ranges_from_histograms``.
+
+    ``spec`` is ``coarse_spec(model, fmt)``; ``model`` is what the sites run
+    (for ONNX, ``onnx_coarse_spec``'s bytes).
+    """
+    fine = refine_spec(spec, sum_at_sites(model, fmt, spec))
+    return ranges_from_histograms(fine, sum_at_sites(model, fmt, fine), method)
+
+
+def federated_static_quantizer(
+    fmt: str,
+    sum_at_sites: SumAtSites,
+    *,
+    target: str | StaticSettings = DEFAULT_TARGET,
+    method: str = "percentile",
+) -> Callable[[Path, Path], Path]:
+    """``(fp32, out) -> out`` for the export pipeline: calibrate through the sites, quantize.
+
+    Pass it as ``pipeline.export(static_quantizer=...)`` (``fmt="onnx"``) or
+    ``static_tflite_quantizer=...`` (``fmt="tflite"``); ``target`` applies to ONNX.
+    """
+    if fmt not in ("onnx", "tflite"):
+        raise ExportError(f"unknown format {fmt!r} for federated calibration")
+
+    def quantize(fp32: Path, out: Path) -> Path:
+        if fmt == "onnx":
+            model, spec = onnx_coarse_spec(fp32)
+            ranges = federated_ranges(model, fmt, spec, sum_at_sites, method)
+            return quantize_onnx_static_from_ranges(fp32, out, ranges, target=target)
+        model = Path(fp32).read_bytes()
+        ranges = federated_ranges(model, fmt, coarse_spec(model, fmt), sum_at_sites, method)
+        return quantize_tflite_static_from_ranges(fp32, out, ranges)
+
+    return quantize
 
 
 # ------------------------------------------------------------------------ ONNX
@@ -281,12 +330,16 @@ def quantize_tflite_static_from_ranges(
             f"ai-edge-quantizer is not installed ({e})", hint='pip install "fedge[server]"'
         ) from e
     from fedge.edge.export.tflite_export import _quiet_litert
-    from fedge.shared.activation_histograms import model_input_shape, tflite_signature
+    from fedge.shared.activation_histograms import (
+        model_input_shape,
+        quiet_preserve_warning,
+        tflite_signature,
+    )
 
     out = Path(out)
     model = Path(fp32_tflite).read_bytes()
     try:
-        with _quiet_litert():
+        with _quiet_litert(), quiet_preserve_warning():
             engine = quantizer.Quantizer(model)
             engine.load_quantization_recipe(recipe.static_wi8_ai8())
             signature, input_name = tflite_signature(model)

@@ -95,12 +95,13 @@ class ArtifactsFailed(ExportError):
 
 
 def plan_artifacts(
-    formats: Sequence[str], quantize: Sequence[str]
+    formats: Sequence[str], quantize: Sequence[str], static_tflite: bool = False
 ) -> tuple[list[_Plan], dict[str, str]]:
     """The artifacts to build for ``formats`` x ``quantize``, and those skipped up front.
 
     An fp32 model is always built when a quantized one needs it; it is bundled
-    only when ``none`` is asked for. TFLite int8 is dynamic-range only.
+    only when ``none`` is asked for. TFLite int8 is dynamic-range, and static as
+    well only with ranges from federated calibration (``static_tflite``).
     """
     plans: list[_Plan] = []
     skipped: dict[str, str] = {}
@@ -112,15 +113,19 @@ def plan_artifacts(
                 plans.append(_Plan(name, "onnx", "int8", mode, "model-fp32.onnx"))
     if "tflite" in formats:
         int8 = "dynamic" in quantize
-        if int8 or "none" in quantize:
+        static = static_tflite and "static" in quantize
+        if int8 or static or "none" in quantize:
             fp32 = _Plan("model-fp32.tflite", "tflite", "fp32", "none", bundled="none" in quantize)
             plans.append(fp32)
         if int8:
             plans.append(_Plan("model-int8.tflite", "tflite", "int8", "dynamic", fp32.name))
-        elif "static" in quantize:
+        if static:
+            name = "model-int8-static.tflite"
+            plans.append(_Plan(name, "tflite", "int8", "static", fp32.name))
+        elif "static" in quantize and not int8:
             skipped["model-int8.tflite"] = (
-                "TFLite int8 is dynamic-range only (static int8 makes the model's I/O int8); "
-                "add 'dynamic' to --quantize"
+                "TFLite int8 is dynamic-range only unless federated calibration gives the "
+                "ranges (static int8 makes the model's I/O int8); add 'dynamic' to --quantize"
             )
     if not plans:
         why = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
@@ -181,6 +186,7 @@ def _builders(
     reader: CalibrationReader | None,
     target: str = "x86-64",
     static_quantizer: Callable[[Path, Path], Path] | None = None,
+    static_tflite_quantizer: Callable[[Path, Path], Path] | None = None,
 ) -> dict[str, Callable[[Path], Path]]:
     from fedge.edge.export.onnx_export import export_onnx
     from fedge.edge.export.quantize import quantize_onnx_dynamic, quantize_onnx_static
@@ -193,12 +199,18 @@ def _builders(
             raise ExportError("static quantization needs calibration data")
         return quantize_onnx_static(work / "model-fp32.onnx", path, reader, target=target)
 
+    def static_tflite(path: Path) -> Path:
+        if static_tflite_quantizer is None:
+            raise ExportError("static TFLite int8 needs ranges from federated calibration")
+        return static_tflite_quantizer(work / "model-fp32.tflite", path)
+
     return {
         "model-fp32.onnx": lambda p: export_onnx(model, sample, p),
         "model-int8-dynamic.onnx": lambda p: quantize_onnx_dynamic(work / "model-fp32.onnx", p),
         "model-int8-static.onnx": static,
         "model-fp32.tflite": lambda p: export_tflite(model, sample, p),
         "model-int8.tflite": lambda p: quantize_tflite_dynamic(work / "model-fp32.tflite", p),
+        "model-int8-static.tflite": static_tflite,
     }
 
 
@@ -234,6 +246,7 @@ def export(
     step: Callable[[str], Any] = _no_step,
     target: str = "x86-64",
     static_quantizer: Callable[[Path, Path], Path] | None = None,
+    static_tflite_quantizer: Callable[[Path, Path], Path] | None = None,
 ) -> Exported:
     """Build every requested artifact and write them into a signed, unvalidated bundle.
 
@@ -268,6 +281,10 @@ def export(
     static_quantizer
         ``(fp32_onnx, out) -> out`` to build static int8 instead of calibrating on
         ``calibration`` (federated calibration: ``fedge.edge.export.federated_export``).
+    static_tflite_quantizer
+        ``(fp32_tflite, out) -> out``: static int8 TFLite (``model-int8-static.tflite``)
+        from federated ranges (``federated_quantize.federated_static_quantizer``);
+        without it TFLite int8 is dynamic-range only.
 
     Raises
     ------
@@ -279,8 +296,10 @@ def export(
     check_choices(formats, quantize)
     out_dir = Path(out_dir)
     bundle_writer.check_destination(out_dir, force)
-    plans, skipped = plan_artifacts(formats, quantize)
-    static = any(p.quantization == "static" for p in plans)
+    plans, skipped = plan_artifacts(
+        formats, quantize, static_tflite=static_tflite_quantizer is not None
+    )
+    static = any(p.quantization == "static" and p.format == "onnx" for p in plans)
     if static and calibration is None and static_quantizer is None:
         raise ConfigError("static quantization needs calibration data (--calibration)")
     model = model.eval().cpu()
@@ -291,7 +310,9 @@ def export(
     with tempfile.TemporaryDirectory(prefix="fedge-export-") as tmp:
         work = Path(tmp)
         reader = None if calibration is None else CalibrationReader(calibration.x)
-        builders = _builders(model, sample[:1], work, reader, target, static_quantizer)
+        builders = _builders(
+            model, sample[:1], work, reader, target, static_quantizer, static_tflite_quantizer
+        )
         built = _build_all(plans, builders, work, skipped, step)
         if not built:
             why = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
