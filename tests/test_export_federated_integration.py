@@ -48,7 +48,7 @@ def corrupt_scales(path: Path, factor: float = 100.0) -> None:
 
 
 def corrupted_static(*_args: Any, **_kwargs: Any) -> Any:
-    """A stand-in for federated calibration whose static int8 model has scales x100."""
+    """A stand-in for federated calibration: static int8 ONNX with scales x100, no TFLite."""
     from fedge.edge.export.calibration import CalibrationReader
     from fedge.edge.export.quantize import quantize_onnx_static
 
@@ -58,7 +58,7 @@ def corrupted_static(*_args: Any, **_kwargs: Any) -> Any:
         corrupt_scales(out)
         return out
 
-    return quantize
+    return quantize, None
 
 
 def with_artifact(bundle_dir: Path, extra: Path, work: Path) -> tuple[Path, bytes]:
@@ -117,8 +117,8 @@ def test_federated_export_of_an_image_folder_task(
     cfg = images_config(run_dir, privacy_secagg=True)
     key = tmp_path / "keys" / "signing.key"
     generate_signing_key(key)
-    federated_calibration = federated_export.federated_static_quantizer
-    monkeypatch.setattr(federated_export, "federated_static_quantizer", corrupted_static)
+    federated_calibration = federated_export.federated_static_quantizers
+    monkeypatch.setattr(federated_export, "federated_static_quantizers", corrupted_static)
     with local_federation(tmp_path / "fed", [str(f) for f in folders], secure=True) as fed:
         assert fed.tls is not None and fed.token is not None
         token = tmp_path / "token"
@@ -144,7 +144,8 @@ def test_federated_export_of_an_image_folder_task(
         target = FederatedTarget(fed.address, fed.tls.ca_cert, fed.token, submit_run)
         source = FederatedSource(cfg, run_dir, run_dir / "model.safetensors")
         fedcal = tmp_path / "model-int8-fedcal.onnx"
-        federated_calibration(source, target, 10)(out / names["model-fp32.onnx"].file, fedcal)
+        onnx_static, _ = federated_calibration(source, target, 10)
+        onnx_static(out / names["model-fp32.onnx"].file, fedcal)
         extended, manifest_json = with_artifact(out, fedcal, tmp_path / "extended")
         files = sorted((extended / "artifacts").iterdir())
         plain = evaluate_artifacts(

@@ -1,12 +1,13 @@
 """``fedge export --federated``: calibrate and validate through the run's sites, then sign.
 
 The coordinator holds no data. Static int8 is calibrated with histograms the sites sum
-(two passes: bins fixed from the fp32 model alone, then refined from the first pass's
-sums; ``fedge.shared.activation_histograms``), quantized from the derived ranges
-(``fedge.edge.export.federated_quantize``), and every candidate artifact is evaluated by
-the sites on their held-out data (``fedge.edge.export.federated``). The gate
-(``fedge.edge.export.federated_gate``) then decides, and only passing artifacts are
-recorded and signed; failed ones are named in the model card under ``failed_validation``.
+(two passes per format: bins fixed from the fp32 model alone, then refined from the first
+pass's sums; ``fedge.shared.activation_histograms``) and quantized from the derived ranges
+(``fedge.edge.export.federated_quantize``: ONNX QDQ and TFLite ``static_wi8_ai8``); every
+candidate artifact is then evaluated by the sites on their held-out data
+(``fedge.edge.export.federated``). The gate (``fedge.edge.export.federated_gate``)
+decides, and only passing artifacts are recorded and signed; failed ones are named in the
+model card under ``failed_validation``.
 """
 
 import logging
@@ -45,42 +46,34 @@ class FederatedSource:
     checkpoint: Path
 
 
-def federated_static_quantizer(
+Quantizer = Callable[[Path, Path], Path]
+
+
+def federated_static_quantizers(
     source: FederatedSource,
     target: FederatedTarget,
     classes: int,
     say: Callable[[str], None] = log.info,
     cpu_target: str = "x86-64",
     releases: list[dict[str, Any]] | None = None,
-) -> Callable[[Path, Path], Path]:
-    """``(fp32_onnx, out) -> out``: static int8 ONNX from ranges the sites' histograms give.
+) -> tuple[Quantizer | None, Quantizer | None]:
+    """``(onnx, tflite)`` quantizers ``(fp32, out) -> out`` calibrated through the sites.
 
-    Each noisy histogram release's DP record is appended to ``releases``.
+    fedcalib's ``federated_static_quantizer`` runs both histogram passes through
+    ``sum_at_sites``, here one artifact job each (``site_histograms_sum``); each noisy
+    release's DP record is appended to ``releases``.
     """
+    from fedge.edge.export.federated_quantize import federated_static_quantizer
 
-    def quantize(fp32: Path, out: Path) -> Path:
-        from fedge.edge.export.federated_quantize import (
-            onnx_coarse_spec,
-            quantize_onnx_static_from_ranges,
-            ranges_from_histograms,
-        )
-        from fedge.shared.activation_histograms import refine_spec
+    def sum_at_sites(model: bytes, fmt: str, spec: Any) -> np.ndarray:
+        say(f"federated calibration of {fmt}, {spec.kind} pass: {spec.total_bins} bins")
+        return site_histograms_sum(source.cfg, source.run_dir, target, model=model, fmt=fmt,
+                                   spec=spec, classes=classes, releases=releases)  # fmt: skip
 
-        # The sites measure the model as quantization prepares it (same tensor names).
-        model, coarse = onnx_coarse_spec(fp32)
-        say(f"federated calibration, pass 1: {coarse.total_bins} bins")
-        first = site_histograms_sum(source.cfg, source.run_dir, target, model=model,
-                                    fmt="onnx", spec=coarse, classes=classes,
-                                    releases=releases)  # fmt: skip
-        fine = refine_spec(coarse, first)
-        say(f"federated calibration, pass 2: {fine.total_bins} bins")
-        second = site_histograms_sum(source.cfg, source.run_dir, target, model=model,
-                                     fmt="onnx", spec=fine, classes=classes,
-                                     releases=releases)  # fmt: skip
-        ranges = ranges_from_histograms(fine, second)
-        return quantize_onnx_static_from_ranges(fp32, out, ranges, target=cpu_target)
-
-    return quantize
+    return (
+        federated_static_quantizer("onnx", sum_at_sites, target=cpu_target),
+        federated_static_quantizer("tflite", sum_at_sites),
+    )
 
 
 def composed_privacy(releases: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -192,7 +185,7 @@ def export_federated(
             hint="pass --server HOST:PORT of the run's SuperLink, or --central with "
             "--eval-data/--calibration",
         )
-    plans, _ = plan_artifacts(formats, quantize)
+    plans, _ = plan_artifacts(formats, quantize, static_tflite=True)
     classes = len(task.classes)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.export-", dir=out_dir.parent) as tmp:
@@ -200,13 +193,14 @@ def export_federated(
         with _progress(progress, len(plans) + 2, console) as step:
             say = console.print if console is not None else log.info
             releases: list[dict[str, Any]] = []
-            quantizer = federated_static_quantizer(
+            onnx_static, tflite_static = federated_static_quantizers(
                 source, target, classes, say, cpu_target, releases
             )
             exported = export(
                 model, task, staged, private_key=private_key, version=version,
                 formats=formats, quantize=quantize, model_card=model_card, privacy=privacy,
-                step=step, target=cpu_target, static_quantizer=quantizer,
+                step=step, target=cpu_target, static_quantizer=onnx_static,
+                static_tflite_quantizer=tflite_static,
             )  # fmt: skip
             with step("evaluate at the sites"):
                 results, evaluation, x, reference = validate_federated(
