@@ -204,8 +204,10 @@ def _edge(out: Path, run_dir: Path, federation: Any, console: Console) -> dict[s
     with quiet_output(log_path, "fedge demo: export") as terminal:
         bar = Console(file=terminal, width=console.width)
         try:
+            # Static TFLite would add two more calibration jobs: the demo keeps it short.
             report = export_bundle(
-                run_dir, out / "bundle", signing_key=key, console=bar, federated=target
+                run_dir, out / "bundle", signing_key=key, console=bar, federated=target,
+                static_tflite=False,
             )
         except ArtifactsFailed as e:
             # The bundle holds the artifacts that passed; show which fell short and go on.

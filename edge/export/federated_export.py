@@ -147,8 +147,12 @@ def export_federated(
     force: bool = False,
     cpu_target: str = "x86-64",
     console: Any = None,
+    static_tflite: bool = True,
 ) -> Any:
     """Export, calibrate and validate through the sites, record, sign, move into place.
+
+    ``static_tflite`` false leaves out ``model-int8-static.tflite`` (its two calibration
+    jobs): the demo does, to stay short.
 
     Returns
     -------
@@ -185,7 +189,7 @@ def export_federated(
             hint="pass --server HOST:PORT of the run's SuperLink, or --central with "
             "--eval-data/--calibration",
         )
-    plans, _ = plan_artifacts(formats, quantize, static_tflite=True)
+    plans, _ = plan_artifacts(formats, quantize, static_tflite=static_tflite)
     classes = len(task.classes)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.export-", dir=out_dir.parent) as tmp:
@@ -200,7 +204,7 @@ def export_federated(
                 model, task, staged, private_key=private_key, version=version,
                 formats=formats, quantize=quantize, model_card=model_card, privacy=privacy,
                 step=step, target=cpu_target, static_quantizer=onnx_static,
-                static_tflite_quantizer=tflite_static,
+                static_tflite_quantizer=tflite_static if static_tflite else None,
             )  # fmt: skip
             with step("evaluate at the sites"):
                 results, evaluation, x, reference = validate_federated(

@@ -478,6 +478,7 @@ def export_bundle(
     validate: bool = True,
     console: Any = None,
     federated: Any = None,
+    static_tflite: bool = True,
 ) -> ExportReport:
     """Export a run's global model (or a checkpoint) to a validated, signed edge bundle.
 
@@ -519,6 +520,8 @@ def export_bundle(
         validate through the run's sites instead of on central data
         (``fedge.edge.export.federated_export``); ``calibration`` and ``eval_data`` must
         then be ``None``.
+    static_tflite
+        With ``federated``: also build a static int8 TFLite from the sites' ranges.
 
     Returns
     -------
@@ -559,7 +562,7 @@ def export_bundle(
             version=version, formats=formats, quantize=quantize,
             max_accuracy_drop=max_accuracy_drop, progress=progress, force=force,
             target=target, console=console, calibration=calibration, eval_data=eval_data,
-            needs_calibration=needs_calibration,
+            needs_calibration=needs_calibration, static_tflite=static_tflite,
         )  # fmt: skip
     eval_spec, calibration_spec = resolve_data_specs(
         ckpt.task, eval_data, calibration, needs_calibration, needs_eval=validate
@@ -623,6 +626,7 @@ def _export_bundle_federated(
     calibration: str | None,
     eval_data: str | None,
     needs_calibration: bool,
+    static_tflite: bool,
 ) -> ExportReport:
     """``export_bundle`` through the run's sites (``fedge.edge.export.federated_export``)."""
     from fedge.edge.export.federated_export import FederatedSource, export_federated
@@ -647,6 +651,6 @@ def _export_bundle_federated(
         version=version or default_version(run_dir.name, ckpt.round), formats=formats,
         quantize=quantize, max_accuracy_drop=max_accuracy_drop, model_card=card,
         privacy=summary.get("privacy"), progress=progress, force=force, cpu_target=target,
-        console=console,
+        console=console, static_tflite=static_tflite,
     )  # fmt: skip
     return report
