@@ -24,7 +24,9 @@ set -euo pipefail
 P=fedge-smoke
 ROUNDS="${FEDGE_SMOKE_ROUNDS:-2}"
 TORCH_INDEX="${FEDGE_SMOKE_TORCH_INDEX:-https://pypi.org/simple}"
-TORCH_PACKAGES="${FEDGE_SMOKE_TORCH_PACKAGES:-torch==2.14.1 torchvision==0.29.1}"
+# The torch build CI tests (constraints/test.txt), e.g. "torch==2.14.1 torchvision==0.29.1".
+TORCH_PACKAGES="${FEDGE_SMOKE_TORCH_PACKAGES:-$(grep -E '^(torch|torchvision)==' \
+    "$FEDGE_REPO/constraints/test.txt" | paste -sd " ")}"
 SERVER_IMAGE=localhost/fedge-server:smoke
 CLIENT_IMAGE=localhost/fedge-client:smoke
 EDGE_IMAGE=localhost/fedge-edge:smoke
