@@ -69,7 +69,7 @@ SCIENTIST_ROUTES = frozenset(
 # invitations, OIDC login, app store) is not something fedge uses: refused for everyone.
 OPERATOR_ROUTES = SCIENTIST_ROUTES | {"register-node", "unregister-node", "list-nodes"}
 
-_ROUTE = re.compile(r"^/v1/(fleet|control)/([a-z][a-z-]{0,63})$")
+_ROUTE = re.compile(r"/v1/(fleet|control)/([a-z][a-z-]{0,63})")
 # Bounds on what one request may carry: a Fleet object holds (a chunk of) model weights,
 # a start-run the app package (FAB).
 MAX_FLEET_BODY = 1 << 30
@@ -222,7 +222,7 @@ def create_app(data_dir: Path, upstream: str, ca_cert: Path) -> Any:
         path = request.url.path
         if path == "/health" and request.method in ("GET", "HEAD"):
             return await forward(request, 0)
-        match = _ROUTE.match(path)
+        match = _ROUTE.fullmatch(path)
         if match is None or request.method != "POST":
             return refuse(404, "not found")
         api, route = match.groups()

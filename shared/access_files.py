@@ -36,7 +36,7 @@ REQUEST_FORMAT = "fedge-access-request/1"
 ANSWER_FORMAT = "fedge-access-answer/1"
 MAX_FILE_BYTES = 64 << 10
 _INFO = b"fedge-access/1"
-_USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 
 def validate_user_name(name: str) -> str:
@@ -47,7 +47,7 @@ def validate_user_name(name: str) -> str:
     ConfigError
         When it is not.
     """
-    if not isinstance(name, str) or not _USER_NAME.match(name):
+    if not isinstance(name, str) or not _USER_NAME.fullmatch(name):
         raise ConfigError(
             f"user name {name!r} is not valid: use 1-64 letters, digits, '_', '.', '@' or '-'"
         )
