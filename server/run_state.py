@@ -77,6 +77,7 @@ class RoundRecord:
     available: int = 0
     seconds: float = 0.0
     aggregated: bool = True
+    not_aggregated_reason: str = ""
     recovered: bool = False
 
     def to_json(self) -> dict[str, Any]:
@@ -94,6 +95,8 @@ class RoundRecord:
             "aggregated": self.aggregated,
             "seconds": round(self.seconds, 3),
         }
+        if self.not_aggregated_reason:
+            row["not_aggregated_reason"] = self.not_aggregated_reason
         if self.recovered:
             # Written on resume after a crash: the sites' own evaluation was lost.
             row["recovered"] = True
@@ -113,6 +116,7 @@ class RoundRecord:
             available=int(row.get("available", 0)),
             seconds=float(row.get("seconds", 0.0)),
             aggregated=bool(row.get("aggregated", True)),
+            not_aggregated_reason=str(row.get("not_aggregated_reason", "")),
         )
 
 
@@ -310,24 +314,27 @@ class ServerRun:
         failures: list[str],
         arrays: list[np.ndarray] | None,
         aggregated: bool = True,
+        reason: str = "",
     ) -> None:
         """Step 1, aggregate -> checkpoint: take the new global model and write it to disk.
 
         ``arrays`` is the aggregate (None keeps the previous global model); ``aggregated``
-        False says the strategy had results but declined to aggregate them.
+        False says the strategy had results but declined to aggregate them (``reason``:
+        why, when it said).
         """
         record = self._require(_Step.OPEN, "commit")
         record.clients = clients
         record.failures = failures
-        for reason in failures:
-            events.emit(Event.SITE_FAILED, round=record.round, reason=reason)
+        for failure in failures:
+            events.emit(Event.SITE_FAILED, round=record.round, reason=failure)
         self._account_privacy(record)
         if arrays is not None:
             self.load_arrays(arrays)
         if not aggregated:
             record.aggregated = False
-            log.warning("round %d: the global model was not updated", record.round)
-            events.emit(Event.NOT_AGGREGATED, round=record.round)
+            record.not_aggregated_reason = reason
+            log.warning("round %d: the global model was not updated %s", record.round, reason)
+            events.emit(Event.NOT_AGGREGATED, round=record.round, reason=reason)
         record.seconds = time.monotonic() - self.round_started
         # The record goes to disk before the checkpoint: a crash after the checkpoint
         # leaves what resume needs to write this round's metrics line (see _recover).

@@ -378,6 +378,8 @@ def test_site_level_dp_drops_a_round_with_a_failure_and_the_budget_stops_the_run
     # Flower's DP wrapper returns no model for a round with a failure: recorded, and the
     # checkpoint is the unchanged global model.
     assert row["aggregated"] is False and row["epsilon"] == pytest.approx(eps[0])
+    # 2 updates for noise sized for 3: the reason is in the round's line.
+    assert "sized for 3" in row["not_aggregated_reason"]
     ckpt = load_checkpoint(round_path(tmp_path / "run", 1))
     keys = ServerRun(cfg.replace(run_dir=str(tmp_path / "reference"))).keys
     for value, key in zip(grid.sent[0][1], keys, strict=True):

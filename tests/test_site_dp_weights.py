@@ -77,3 +77,23 @@ def test_record_lets_anyone_recompute_epsilon_independently() -> None:
     accountant.history = [(record["noise_multiplier"], record["sampling_rate"], record["rounds"])]
     independent = accountant.get_epsilon(record["delta"])
     assert record["epsilon"] == pytest.approx(independent, rel=0.02)
+
+
+def test_a_round_with_fewer_updates_than_the_noise_is_sized_for_is_not_aggregated() -> None:
+    """Noise z*C/m for m = 3 sites over a mean of 2 updates would be z*2/3 of the stated."""
+    from fedge.server.strategies import NOT_AGGREGATED
+
+    cfg = RunConfig(
+        min_clients=3,
+        privacy=PrivacyConfig(dp="site", noise_multiplier=1.0, clipping_norm=CLIP),
+    )
+    initial = ndarrays_to_parameters([np.zeros(DIM)])
+    strategy = build_strategy(cfg, initial, lambda *a: None, lambda r: {}, None, None, 3)
+    rng = np.random.default_rng(2)
+    two = [_fit(rng.normal(size=DIM) * 0.01, 10) for _ in range(2)]
+    params, metrics = strategy.aggregate_fit(1, two, [])
+    assert params is None
+    assert "sized for 3" in str(metrics[NOT_AGGREGATED])
+    three = [*two, _fit(rng.normal(size=DIM) * 0.01, 10)]
+    params, metrics = strategy.aggregate_fit(1, three, [])
+    assert params is not None and NOT_AGGREGATED not in metrics
