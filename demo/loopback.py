@@ -53,7 +53,8 @@ class LocalFederation:
             self.tls = ensure_server_certificate(server_dir / "tls", ["127.0.0.1", "localhost"])
             internal = free_port()
             self.control_address = f"127.0.0.1:{internal}"
-            start_superlink(SuperLinkSpec(server_dir, "127.0.0.1", internal, self.tls), self.group)
+            spec = SuperLinkSpec(server_dir, "127.0.0.1", internal, self.tls, (self.work_dir,))
+            start_superlink(spec, self.group)
             tls = self.tls
             front = FrontSpec(
                 server_dir, "127.0.0.1", port, internal, tls.cert, tls.key, tls.ca_cert
@@ -61,7 +62,9 @@ class LocalFederation:
             start_front(front, self.group)
             self.token = grant(server_dir, "demo-operator", "operator").token
         else:
-            start_superlink(SuperLinkSpec(server_dir, "127.0.0.1", port, self.tls), self.group)
+            # Runs of the demo and the tests live in the work folder: allow it.
+            spec = SuperLinkSpec(server_dir, "127.0.0.1", port, self.tls, (self.work_dir,))
+            start_superlink(spec, self.group)
         self.site_names = self.site_names or [f"site-{i + 1}" for i in range(len(self.data_specs))]
         for name, data in zip(self.site_names, self.data_specs, strict=True):
             self.start_site(name, data)

@@ -28,6 +28,7 @@ import torch
 from fedge.server import events
 from fedge.server.events import Event
 from fedge.server.privacy import composed_epsilon, privacy_record, site_round
+from fedge.server.run_paths import confine_run_paths
 from fedge.server.superlink import ENV_AUTH, ENV_TLS
 from fedge.shared import records
 from fedge.shared.atomic import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
@@ -124,6 +125,8 @@ class ServerRun:
     """State and outputs of a run; see the module docstring."""
 
     def __init__(self, cfg: RunConfig) -> None:
+        # Paths the submitter chose stay inside the server's folders (run_paths).
+        cfg = confine_run_paths(cfg)
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir).expanduser().resolve()
         self.task = task_for_run(cfg)

@@ -91,7 +91,7 @@ def test_operator_and_site_flow(tmp_path: Path) -> None:
             "--server",
             server,
             "--out",
-            str(tmp_path / "run"),
+            "runs/run",  # relative: from the folder the server was started in
             "--ca",
             str(data_dir / "tls" / "ca.crt"),
             "--token-file",
@@ -99,7 +99,7 @@ def test_operator_and_site_flow(tmp_path: Path) -> None:
             cwd=tmp_path,
         )
         assert "final accuracy" in run.stdout
-        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        summary = json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())
         assert summary["clients"] == 2 and summary["privacy"]["tls"] is True
         assert summary["privacy"]["supernode_auth"] is True
         listed = fedge("server", "clients", "--data-dir", str(data_dir), cwd=tmp_path).stdout
