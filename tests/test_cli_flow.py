@@ -104,6 +104,9 @@ def test_operator_and_site_flow(tmp_path: Path) -> None:
         assert summary["privacy"]["supernode_auth"] is True
         listed = fedge("server", "clients", "--data-dir", str(data_dir), cwd=tmp_path).stdout
         assert "site-a" in listed and "site-b" in listed and "online" in listed
+        # Revocation through a server whose public port is the fedge front (the SuperLink
+        # on loopback behind it): a node that is connected is cut off, not just new ones.
+        assert state["front_pid"] and state["control_address"] != server
         fedge("server", "revoke", "site-b", "--data-dir", str(data_dir), cwd=tmp_path)
         listed = fedge("server", "clients", "--data-dir", str(data_dir), cwd=tmp_path).stdout
         assert "revoked" in listed
