@@ -49,7 +49,11 @@ def run(
     ] = None,
     server: Annotated[str, typer.Option(help="The SuperLink, HOST:PORT.")] = "127.0.0.1:9092",
     out: Annotated[
-        Path | None, typer.Option(help="Run directory (on the server's machine).")
+        Path | None,
+        typer.Option(
+            help="Run folder on the server: runs/NAME (taken from the folder the server was "
+            "started in) or an absolute path in a folder the server allows."
+        ),
     ] = None,
     resume: Annotated[
         Path | None,
@@ -79,18 +83,23 @@ def run(
         if not saved.is_file():
             raise ConfigError(f"{resume} is not a run directory (no run_config.json)")
         cfg = RunConfig.from_flower(json.loads(saved.read_text()))
-        cfg = cfg.replace(resume=True, run_dir=str(resume.resolve()))
+        # A relative path stays relative: the server takes it from its own folder.
+        where = str(resume) if not resume.is_absolute() else str(resume.resolve())
+        cfg = cfg.replace(resume=True, run_dir=where)
         if rounds is not None:
             cfg = cfg.replace(num_rounds=rounds)
     else:
-        run_dir = (out or Path("runs") / "latest").resolve()
+        # A relative --out is taken from the folder the server was started in (on the
+        # server's machine that is usually this one), not resolved here: a scientist's own
+        # working folder means nothing on the server (fedge.server.run_paths).
+        run_dir = out or Path("runs") / "latest"
         if (run_dir / "checkpoints").is_dir():
             raise ConfigError(
                 f"{run_dir} already holds a run; use --resume {run_dir} or another --out"
             )
         cfg = load_run_config(config, num_rounds=rounds, run_dir=str(run_dir))
     certificates = _root_certificates(ca, insecure)
-    _remember(Path(cfg.run_dir))
+    _remember(_local_run_dir(cfg.run_dir))
     token = _control_token(token_file)
     console.print(
         f"submitting to {server}: {cfg.task} / {cfg.model} / {cfg.mode} / {cfg.strategy}, "
@@ -103,7 +112,13 @@ def run(
     final = summary.get("final_accuracy")
     accuracy = "-" if final is None else f"{100 * float(final):.1f}%"
     console.print(f"final accuracy {accuracy}, model {summary.get('model_path')}")
-    _print_report(console, Path(cfg.run_dir))
+    model_path = summary.get("model_path")
+    _print_report(console, Path(model_path).parent if model_path else Path(cfg.run_dir))
+
+
+def _local_run_dir(run_dir: str) -> Path:
+    """Where the run's folder is when the server runs on this machine (the console's list)."""
+    return Path(run_dir).resolve()
 
 
 def _remember(run_dir: Path) -> None:

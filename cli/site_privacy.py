@@ -77,10 +77,10 @@ def privacy(name: SiteName = "site") -> None:
     folder = _folder(name)
     ledger = report(load_policy(folder / POLICY_NAME), folder / LEDGER_NAME)
     table = Table(title=f"privacy ledger of {name} (delta {ledger.policy.delta:g})")
-    for column in ("run", "dp", "rounds", "epsilon"):
+    for column in ("run", "dp", "rounds", "evaluations", "epsilon"):
         table.add_column(column)
     for row in ledger.runs:
-        table.add_row(row.run_id, row.dp, str(row.rounds), _eps(row.epsilon))
+        table.add_row(row.run_id, row.dp, str(row.rounds), str(row.evaluations), _eps(row.epsilon))
     console = Console()
     console.print(table)
     console.print(f"total epsilon (RDP composition over all runs): {_eps(ledger.total)}")

@@ -13,6 +13,13 @@ the same accountant the site's DP-SGD uses (``fedge.client.dp_sgd``):
   only if the operator's server really adds the noise it states;
 - no DP: epsilon is infinite.
 
+Federated-evaluation replies are releases too, and are counted (``kind = "evaluate"``,
+one entry per reply, written before the reply leaves), but they carry no epsilon: the
+loss, accuracy and example count of the site's local evaluation split go to the server
+without noise. No DP bounds them; the ledger shows how many were sent so that the site's
+administrator sees them (and a policy can switch them off: ``evaluate = false``). The
+loss and accuracy reported with a training update are likewise not noised.
+
 Composing all runs' events in one accountant is RDP composition, tighter than adding
 the per-run epsilons and still a valid upper bound.
 """
@@ -31,9 +38,12 @@ LEDGER_NAME = "privacy-ledger.json"
 LEDGER_FORMAT = "fedge-privacy-ledger/1"
 
 
+KINDS = ("train", "evaluate")
+
+
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One training round this site took part in (one DP release)."""
+    """One release of this site: a training round (a DP release) or an evaluation reply."""
 
     run_id: str
     round: int
@@ -44,6 +54,7 @@ class LedgerEntry:
     task: str
     model: str
     at: str
+    kind: str = "train"  # "evaluate": a federated-evaluation reply, outside the epsilon
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "LedgerEntry":
@@ -58,19 +69,27 @@ class LedgerEntry:
                 task=str(data["task"]),
                 model=str(data["model"]),
                 at=str(data["at"]),
+                kind=_kind(data.get("kind", "train")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise SecurityError(f"privacy ledger entry is malformed: {data!r:.200}") from e
 
 
+def _kind(value: object) -> str:
+    if value not in KINDS:
+        raise ValueError(f"unknown ledger entry kind {value!r}")
+    return str(value)
+
+
 @dataclass(frozen=True)
 class RunRow:
-    """The ledger's view of one run: rounds taken part in and its own epsilon."""
+    """The ledger's view of one run: rounds trained, evaluation replies, its own epsilon."""
 
     run_id: str
     dp: str
     rounds: int
     epsilon: float
+    evaluations: int = 0
 
 
 def locked(path: Path) -> AbstractContextManager[None]:
@@ -110,7 +129,11 @@ def save_ledger(path: Path, entries: list[LedgerEntry]) -> None:
 
 
 def epsilon_of(entries: list[LedgerEntry], delta: float) -> float:
-    """Epsilon at ``delta`` of all ``entries`` composed (RDP, Opacus' accountant)."""
+    """Epsilon at ``delta`` of all training ``entries`` composed (RDP, Opacus' accountant).
+
+    Evaluation replies carry no DP noise and are not part of it (see the module doc).
+    """
+    entries = [e for e in entries if e.kind == "train"]
     if not entries:
         return 0.0
     if any(e.dp == "none" or e.noise_multiplier <= 0 for e in entries):
@@ -127,7 +150,16 @@ def runs(entries: list[LedgerEntry], delta: float) -> list[RunRow]:
     order: dict[str, list[LedgerEntry]] = {}
     for entry in entries:
         order.setdefault(entry.run_id, []).append(entry)
-    return [
-        RunRow(run_id, group[0].dp, len(group), epsilon_of(group, delta))
-        for run_id, group in order.items()
-    ]
+    rows = []
+    for run_id, group in order.items():
+        trained = [e for e in group if e.kind == "train"]
+        rows.append(
+            RunRow(
+                run_id,
+                (trained or group)[0].dp,
+                len(trained),
+                epsilon_of(trained, delta),
+                evaluations=len(group) - len(trained),
+            )
+        )
+    return rows

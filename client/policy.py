@@ -15,7 +15,9 @@ The policy is a TOML file in the site's folder (``policy.toml``, set with
 
 ``check_run`` runs before the site loads any data; ``admit_round`` checks the round's
 privacy cost against the ledger (``fedge.client.ledger``) and records it before any
-training, so that the update can never leave the site uncounted.
+training, so that the update can never leave the site uncounted. A federated-evaluation
+reply is recorded too (``record_evaluation``: counted, without epsilon, since nothing
+noises it) before the site evaluates.
 """
 
 import datetime
@@ -208,6 +210,24 @@ def admit_round(
     return run_eps, total_eps
 
 
+def record_evaluation(ledger_path: Path, cfg: RunConfig | None, run_id: str) -> None:
+    """Append one federated-evaluation reply of ``run_id`` to the ledger (no epsilon)."""
+    entry = LedgerEntry(
+        run_id=run_id,
+        round=0,  # the evaluate message's round is not known here; the time is
+        dp=cfg.privacy.dp if cfg else "none",
+        noise_multiplier=0.0,
+        sample_rate=0.0,
+        steps=0,
+        task=cfg.task if cfg else "",
+        model=cfg.model if cfg else "",
+        at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        kind="evaluate",
+    )
+    with locked(ledger_path):
+        save_ledger(ledger_path, [*load_ledger(ledger_path), entry])
+
+
 @dataclass(frozen=True)
 class LedgerReport:
     """What ``fedge client privacy`` prints."""
@@ -230,7 +250,7 @@ def report(policy: SitePolicy, ledger_path: Path) -> LedgerReport:
     return LedgerReport(policy, runs(entries, policy.delta), total, remaining)
 
 
-@dataclass(frozen=True)
+@dataclass
 class SiteGuard:
     """The policy and ledger of one site, for one run: what the ClientApp consults."""
 
@@ -238,6 +258,7 @@ class SiteGuard:
     run_id: str
     policy: SitePolicy
     ledger: Path | None  # None: no ledger configured (Flower's simulation engine)
+    run_cfg: RunConfig | None = None  # the run config ``check_run`` accepted
 
     @staticmethod
     def for_node(node_config: dict[str, Any], run_id: str) -> "SiteGuard":
@@ -253,11 +274,18 @@ class SiteGuard:
     def check_run(self, cfg: RunConfig) -> None:
         """Refuse the run before any data is loaded (see ``check_run``)."""
         check_run(self.policy, cfg, self.site)
+        self.run_cfg = cfg
 
     def check_evaluate(self) -> None:
-        """Refuse federated evaluation when the policy says so."""
+        """Refuse federated evaluation when the policy says so; else record the reply.
+
+        The reply (loss, accuracy, example count, not noised) is counted in the ledger
+        before the site evaluates, so it can never leave the site unrecorded.
+        """
         if not self.policy.evaluate:
             raise PolicyRefusal(f"site {self.site} refuses by its policy: evaluate = false")
+        if self.ledger is not None:
+            record_evaluation(self.ledger, self.run_cfg, self.run_id)
 
     def admit(
         self, cfg: RunConfig, server_round: int, sample_rate: float, steps: int

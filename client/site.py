@@ -205,6 +205,11 @@ class Site:
                 proximal_mu=mu,
             )
         out = self.get_parameters()
+        if self.cfg.privacy.dp == "site":
+            # Fail closed: clip here whether or not the server's message asks for it.
+            from fedge.client.site_dp import clip_site_update
+
+            out = clip_site_update(out, parameters, self.cfg.privacy.clipping_norm)
         log.info(
             "site %s: trained round %d in %.3fs", self.name, server_round, time.time() - started
         )

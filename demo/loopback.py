@@ -30,6 +30,8 @@ class LocalFederation:
     warm: bool = True
     idle_poll: float = 0.2  # on loopback a SuperNode may ask for work often (Flower: 3 s)
     site_names: list[str] = field(default_factory=list)
+    # Folders besides work_dir where runs may write and read (fedge.server.run_paths).
+    run_roots: tuple[Path, ...] = ()
     address: str = ""
     tls: TLSFiles | None = None
     supernodes: dict[str, Any] = field(default_factory=dict)
@@ -53,7 +55,9 @@ class LocalFederation:
             self.tls = ensure_server_certificate(server_dir / "tls", ["127.0.0.1", "localhost"])
             internal = free_port()
             self.control_address = f"127.0.0.1:{internal}"
-            start_superlink(SuperLinkSpec(server_dir, "127.0.0.1", internal, self.tls), self.group)
+            roots = (self.work_dir, *self.run_roots)
+            spec = SuperLinkSpec(server_dir, "127.0.0.1", internal, self.tls, roots)
+            start_superlink(spec, self.group)
             tls = self.tls
             front = FrontSpec(
                 server_dir, "127.0.0.1", port, internal, tls.cert, tls.key, tls.ca_cert
@@ -61,7 +65,10 @@ class LocalFederation:
             start_front(front, self.group)
             self.token = grant(server_dir, "demo-operator", "operator").token
         else:
-            start_superlink(SuperLinkSpec(server_dir, "127.0.0.1", port, self.tls), self.group)
+            # Runs of the demo and the tests live in the work folder: allow it.
+            roots = (self.work_dir, *self.run_roots)
+            spec = SuperLinkSpec(server_dir, "127.0.0.1", port, self.tls, roots)
+            start_superlink(spec, self.group)
         self.site_names = self.site_names or [f"site-{i + 1}" for i in range(len(self.data_specs))]
         for name, data in zip(self.site_names, self.data_specs, strict=True):
             self.start_site(name, data)

@@ -30,12 +30,13 @@ fedge_build() {
 
 # fedge_run [RUN ARGS...] IMAGE [CMD...]: setrlimit is refused here without explicit ulimits;
 # podman runs HEALTHCHECKs with systemd timers, which these machines lack (the scripts poll).
+# FEDGE_NETWORK: the host's network (default) or a podman network's name.
 fedge_run() {
-    pm run --network host --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 --no-healthcheck \
+    pm run --network "${FEDGE_NETWORK:-host}" --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 --no-healthcheck \
         "$@"
 }
 
-# A free TCP port on 127.0.0.1 (the containers share the host's network).
+# A free TCP port on 127.0.0.1 (for a container on the host's network, or a published one).
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }

@@ -9,28 +9,44 @@
 #
 # Each service's command, environment and volumes are read from docker/compose.yaml
 # (docker/compose_steps.py), so this script runs what `docker compose` runs. What differs, and
-# why (podman without a Docker engine, on the host's network):
-#   * host networking: no service-name DNS, so FEDGE_SERVER points at 127.0.0.1 and every port
-#     is a free one (--port / --registry-port / FEDGE_SERVE_PORT are appended);
+# why (podman without a Docker engine or compose):
+#   * FEDGE_SMOKE_NETWORK=host (default): every container on the host's network, as the
+#     recipe in docs/containers.md runs them. No service-name DNS there, so FEDGE_SERVER
+#     points at 127.0.0.1 and every port is a free one (--port / --registry-port /
+#     FEDGE_SERVE_PORT are appended).
+#   * FEDGE_SMOKE_NETWORK=bridge: a podman network, like compose's: the containers reach the
+#     server as compose says (server:9092, https://server:9443, so the certificate's
+#     `--san server` is checked), on compose's own ports; the registry and edge serve are
+#     published on free ports of 127.0.0.1 for this script's checks.
 #   * images are built on a local stand-in for python:3.11-slim (docker/podman-base.sh) and,
 #     since only PyPI is reachable here, torch comes from PyPI (FEDGE_SMOKE_TORCH_INDEX,
 #     FEDGE_SMOKE_TORCH_PACKAGES);
-#   * named volumes are podman volumes prefixed with fedge-smoke- (removed at the end unless
-#     FEDGE_SMOKE_KEEP=1).
-# Environment: FEDGE_SMOKE_ROUNDS (2), FEDGE_SMOKE_KEEP (0).
+#   * named volumes are podman volumes prefixed with $FEDGE_SMOKE_PREFIX- (removed at the end unless
+#     FEDGE_SMOKE_KEEP=1); depends_on and restarts are this script's order of steps.
+# Environment: FEDGE_SMOKE_ROUNDS (2), FEDGE_SMOKE_KEEP (0), FEDGE_SMOKE_NETWORK (host),
+# FEDGE_SMOKE_PREFIX (fedge-smoke).
 set -euo pipefail
 . "$(dirname "$0")/podman-env.sh"
 
-P=fedge-smoke
+# Names of its containers, volumes and network, and the images' tag (two runs can share a machine).
+P="${FEDGE_SMOKE_PREFIX:-fedge-smoke}"
 ROUNDS="${FEDGE_SMOKE_ROUNDS:-2}"
 TORCH_INDEX="${FEDGE_SMOKE_TORCH_INDEX:-https://pypi.org/simple}"
-TORCH_PACKAGES="${FEDGE_SMOKE_TORCH_PACKAGES:-torch==2.14.1 torchvision==0.29.1}"
-SERVER_IMAGE=localhost/fedge-server:smoke
-CLIENT_IMAGE=localhost/fedge-client:smoke
-EDGE_IMAGE=localhost/fedge-edge:smoke
+# The torch build CI tests (constraints/test.txt), e.g. "torch==2.14.1 torchvision==0.29.1".
+TORCH_PACKAGES="${FEDGE_SMOKE_TORCH_PACKAGES:-$(grep -E '^(torch|torchvision)==' \
+    "$FEDGE_REPO/constraints/test.txt" | paste -sd " ")}"
+SERVER_IMAGE="localhost/fedge-server:${P#fedge-}"
+CLIENT_IMAGE="localhost/fedge-client:${P#fedge-}"
+EDGE_IMAGE="localhost/fedge-edge:${P#fedge-}"
 STEPS_PY=(python3 "$FEDGE_REPO/docker/compose_steps.py")
 WORK=$(mktemp -d /var/tmp/fedge-smoke.XXXXXX)
 SERVICES=(server client-1 client-2 edge-1)
+NETWORK="${FEDGE_SMOKE_NETWORK:-host}"
+case "$NETWORK" in
+    host) ;;
+    bridge) FEDGE_NETWORK="$P-net" ;; # fedge_run's, not exported: podman-base.sh probes on the host's
+    *) echo "FEDGE_SMOKE_NETWORK is host or bridge, not $NETWORK" >&2; exit 2 ;;
+esac
 
 cleanup() {
     local rc=$?
@@ -49,10 +65,15 @@ cleanup() {
         done
         rm -rf "$WORK"
     fi
+    if [ "$NETWORK" = bridge ]; then pm network rm -f "$P-net" >/dev/null 2>&1 || true; fi
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+if [ "$NETWORK" = bridge ]; then
+    pm network rm -f "$P-net" >/dev/null 2>&1 || true
+    pm network create "$P-net" >/dev/null
+fi
 
 # compose's named volumes of SERVICE as podman -v flags (prefixed volume names).
 volumes_of() {
@@ -63,13 +84,14 @@ volumes_of() {
     done < <("${STEPS_PY[@]}" volumes "$1")
 }
 
-# compose's environment of SERVICE as -e flags, FEDGE_SERVER replaced by $2 (no DNS here).
+# compose's environment of SERVICE as -e flags, FEDGE_SERVER replaced by $2 when given (on
+# the host's network there is no service-name DNS).
 environment_of() {
     local line
     ENVS=()
     while IFS= read -r line; do
         case "$line" in
-            FEDGE_SERVER=*) ENVS+=(-e "FEDGE_SERVER=$2") ;;
+            FEDGE_SERVER=*) ENVS+=(-e "FEDGE_SERVER=${2:-${line#FEDGE_SERVER=}}") ;;
             *) ENVS+=(-e "$line") ;;
         esac
     done < <("${STEPS_PY[@]}" environment "$1")
@@ -122,15 +144,29 @@ sizes() {
 step "image sizes; pip list in the edge image" sizes
 
 # ------------------------------------------------------------------ server
-SL=$(free_port)
+# SL: the SuperLink's port in the server container; RP, EP: the registry's and edge serve's
+# ports on the host. SITE_SERVER, EDGE_SERVER: what FEDGE_SERVER becomes (empty: compose's).
+read -r -a SERVER_CMD <<<"$("${STEPS_PY[@]}" command server)"
 RP=$(free_port)
 EP=$(free_port)
-echo "ports: SuperLink $SL, registry $RP, edge serve $EP"
-read -r -a SERVER_CMD <<<"$("${STEPS_PY[@]}" command server)"
+if [ "$NETWORK" = host ]; then
+    SL=$(free_port)
+    SERVER_ARGS=("${SERVER_CMD[@]}" --port "$SL" --registry-port "$RP")
+    SERVER_NET=()
+    SITE_SERVER="127.0.0.1:$SL" EDGE_SERVER="https://127.0.0.1:$RP"
+    EDGE_NET=(-e "FEDGE_SERVE_PORT=$EP")
+else
+    SL=9092
+    SERVER_ARGS=("${SERVER_CMD[@]}")
+    SERVER_NET=(--network-alias server -p "127.0.0.1:$RP:9443")
+    SITE_SERVER="" EDGE_SERVER=""
+    EDGE_NET=(-p "127.0.0.1:$EP:8080")
+fi
+echo "network $NETWORK; SuperLink $SL (in the server), registry on 127.0.0.1:$RP, edge serve on 127.0.0.1:$EP"
 start_server() {
     volumes_of server
-    fedge_run -d --name "$P-server" "${VOLS[@]}" "$SERVER_IMAGE" \
-        "${SERVER_CMD[@]}" --port "$SL" --registry-port "$RP" >/dev/null
+    fedge_run -d --name "$P-server" "${SERVER_NET[@]}" "${VOLS[@]}" "$SERVER_IMAGE" \
+        "${SERVER_ARGS[@]}" >/dev/null
     until_true 120 "the SuperLink" in_server python -c \
         "import socket; socket.create_connection(('127.0.0.1', $SL), 3)"
     wait_http "https://127.0.0.1:$RP/healthz" 60
@@ -147,7 +183,7 @@ step "provision (compose's one-shot): signing key, edge-1's token" provision
 # ------------------------------------------------------------------ sites
 start_client() {
     volumes_of "$1"
-    environment_of "$1" "127.0.0.1:$SL"
+    environment_of "$1" "$SITE_SERVER"
     fedge_run -d --name "$P-$1" "${VOLS[@]}" "${ENVS[@]}" "$CLIENT_IMAGE" >/dev/null
 }
 approve() {
@@ -182,9 +218,9 @@ echo "published version $VERSION"
 # ------------------------------------------------------------------ edge device
 start_edge() {
     volumes_of edge-1
-    environment_of edge-1 "https://127.0.0.1:$RP"
-    fedge_run -d --name "$P-edge-1" "${VOLS[@]}" "${ENVS[@]}" -e FEDGE_INTERVAL=2 \
-        -e "FEDGE_SERVE_PORT=$EP" "$EDGE_IMAGE" >/dev/null
+    environment_of edge-1 "$EDGE_SERVER"
+    fedge_run -d --name "$P-edge-1" "${EDGE_NET[@]}" "${VOLS[@]}" "${ENVS[@]}" \
+        -e FEDGE_INTERVAL=2 "$EDGE_IMAGE" >/dev/null
 }
 step "edge container: agent + edge serve" start_edge
 active() {

@@ -49,7 +49,8 @@ FLEET_ROUTES = frozenset(
         "confirm-message-received",
     }
 )
-# What a data scientist may do: start, stop, list and follow runs, nothing about nodes.
+# What a data scientist may do: start runs, and stop, list and follow the runs they started
+# (``RUN_SCOPED``, checked against ``fedge.server.run_owners``); nothing about nodes.
 SCIENTIST_ROUTES = frozenset(
     {
         "start-run",
@@ -58,18 +59,31 @@ SCIENTIST_ROUTES = frozenset(
         "stream-logs",
         "stream-run-events",
         "pull-artifacts",
-        "list-run-series",
-        "get-run-series",
-        "list-run-series-events",
         "list-federations",
         "show-federation",
     }
 )
-# The operator additionally manages nodes. Anything else of the Control API (connectors,
-# invitations, OIDC login, app store) is not something fedge uses: refused for everyone.
-OPERATOR_ROUTES = SCIENTIST_ROUTES | {"register-node", "unregister-node", "list-nodes"}
+# The operator additionally manages nodes and sees run series (Flower's automations, which
+# carry no fedge owner). Anything else of the Control API (connectors, invitations, OIDC
+# login, app store) is not something fedge uses: refused for everyone.
+OPERATOR_ROUTES = SCIENTIST_ROUTES | {
+    "register-node",
+    "unregister-node",
+    "list-nodes",
+    "list-run-series",
+    "get-run-series",
+    "list-run-series-events",
+}
+# Control routes whose request names one run (``run_id``), by Flower's request message.
+RUN_SCOPED = {
+    "stop-run": "StopRunRequest",
+    "list-runs": "ListRunsRequest",
+    "stream-logs": "StreamLogsRequest",
+    "stream-run-events": "StreamRunEventsRequest",
+    "pull-artifacts": "PullArtifactsRequest",
+}
 
-_ROUTE = re.compile(r"^/v1/(fleet|control)/([a-z][a-z-]{0,63})$")
+_ROUTE = re.compile(r"/v1/(fleet|control)/([a-z][a-z-]{0,63})")
 # Bounds on what one request may carry: a Fleet object holds (a chunk of) model weights,
 # a start-run the app package (FAB).
 MAX_FLEET_BODY = 1 << 30
@@ -89,6 +103,8 @@ _DROP_REQUEST = frozenset(
     }
 )
 _DROP_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade"})
+# A response the front read whole (and may have changed) gets its own length and encoding.
+_DROP_BUFFERED = _DROP_RESPONSE | {"content-length", "content-encoding"}
 
 
 def allowed(role: str, route: str) -> bool:
@@ -153,14 +169,62 @@ def foreign_app(headers: Any, body: bytes) -> str | None:
     return None
 
 
+def requested_run(route: str, body: bytes) -> int | None:
+    """The run a ``RUN_SCOPED`` request names (0: none, as in "list all runs").
+
+    None when the body is not the route's protobuf message.
+    """
+    from flwr.proto import control_pb2
+    from google.protobuf.message import DecodeError
+
+    message = getattr(control_pb2, RUN_SCOPED[route])()
+    try:
+        message.ParseFromString(body)
+    except DecodeError:
+        return None
+    return int(message.run_id)
+
+
+def started_run(body: bytes) -> int | None:
+    """The run id in the SuperLink's ``StartRunResponse`` (None if there is none)."""
+    from flwr.proto.control_pb2 import StartRunResponse
+    from google.protobuf.message import DecodeError
+
+    response = StartRunResponse()
+    try:
+        response.ParseFromString(body)
+    except DecodeError:
+        return None
+    return int(response.run_id) or None
+
+
+def only_runs_of(body: bytes, owned: set[int]) -> bytes | None:
+    """A ``ListRunsResponse`` with only the runs in ``owned`` (None if it does not parse)."""
+    from flwr.proto.control_pb2 import ListRunsResponse
+    from google.protobuf.message import DecodeError
+
+    response = ListRunsResponse()
+    try:
+        response.ParseFromString(body)
+    except DecodeError:
+        return None
+    for run_id in [r for r in response.run_dict if r not in owned]:
+        del response.run_dict[run_id]
+    return response.SerializeToString()
+
+
 def _bearer(headers: Any) -> str | None:
     value = headers.get("authorization", "")
     scheme, _, token = value.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def create_app(data_dir: Path, upstream: str, ca_cert: Path) -> Any:
-    """The front's ASGI app, forwarding allowed requests to ``upstream`` (``https://...``)."""
+def create_app(data_dir: Path, upstream: str, ca_cert: Path | None, transport: Any = None) -> Any:
+    """The front's ASGI app, forwarding allowed requests to ``upstream`` (``https://...``).
+
+    ``transport`` replaces the network (an ``httpx`` transport; tests), ``ca_cert`` then
+    may be None.
+    """
     import httpx
     from starlette.applications import Starlette
     from starlette.background import BackgroundTask
@@ -170,11 +234,16 @@ def create_app(data_dir: Path, upstream: str, ca_cert: Path) -> Any:
     from starlette.routing import Route
 
     from fedge.server.operators import authenticate
+    from fedge.server.run_owners import RunOwners
 
-    context = ssl.create_default_context(cafile=str(ca_cert))
+    owners = RunOwners(data_dir)
+    context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else True
     # Long polls and log streams: no read timeout on the upstream side.
     client = httpx.AsyncClient(
-        base_url=upstream, verify=context, timeout=httpx.Timeout(30.0, read=None)
+        base_url=upstream,
+        verify=context,
+        timeout=httpx.Timeout(30.0, read=None),
+        transport=transport,
     )
 
     def refuse(status: int, text: str) -> Response:
@@ -218,11 +287,40 @@ def create_app(data_dir: Path, upstream: str, ca_cert: Path) -> Any:
             background=BackgroundTask(response.aclose),
         )
 
+    async def read_body(request: Request, limit: int) -> bytes | None:
+        """The whole request body, or None past ``limit`` (declared or sent)."""
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return None
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return None
+        return body
+
+    async def exchange(request: Request, body: bytes) -> Response:
+        """Forward a small control request and read the SuperLink's whole answer."""
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST]
+        try:
+            answer = await client.request(
+                request.method,
+                request.url.path,
+                params=request.url.query or None,
+                headers=headers,
+                content=body,
+            )
+        except httpx.HTTPError as e:
+            log.warning("SuperLink unreachable: %s", type(e).__name__)
+            return refuse(503, "the SuperLink behind this front is not reachable")
+        out_headers = {k: v for k, v in answer.headers.items() if k.lower() not in _DROP_BUFFERED}
+        return Response(answer.content, answer.status_code, headers=out_headers)
+
     async def dispatch(request: Request) -> Response:
         path = request.url.path
         if path == "/health" and request.method in ("GET", "HEAD"):
             return await forward(request, 0)
-        match = _ROUTE.match(path)
+        match = _ROUTE.fullmatch(path)
         if match is None or request.method != "POST":
             return refuse(404, "not found")
         api, route = match.groups()
@@ -231,7 +329,9 @@ def create_app(data_dir: Path, upstream: str, ca_cert: Path) -> Any:
                 return refuse(404, "not found")
             return await forward(request, MAX_FLEET_BODY)
         token = _bearer(request.headers)
-        user = authenticate(data_dir, token) if token else None
+        # The credential file is read on every request (a revoke-user counts at once): in a
+        # worker thread, so that a slow disk never stalls the Fleet traffic on this loop.
+        user = await run_in_threadpool(authenticate, data_dir, token) if token else None
         if user is None:
             log.warning("refused control route %s: no valid credential", route)
             # No "WWW-Authenticate: Bearer": flwr's CLI would answer it with a token refresh.
@@ -241,22 +341,39 @@ def create_app(data_dir: Path, upstream: str, ca_cert: Path) -> Any:
             return refuse(403, f"{user.role} {user.name!r} may not call {route}")
         log.info("control %s by %s (%s)", route, user.name, user.role)
         if route == "start-run":
+            body = await read_body(request, MAX_CONTROL_BODY)
+            if body is None:
+                return refuse(413, "request body too large")
             # The SuperLink would install the run's app package and import its ServerApp
             # in the coordinator's own account: only the fedge app installed here may run.
-            declared = request.headers.get("content-length")
-            if declared is not None and (
-                not declared.isdigit() or int(declared) > MAX_CONTROL_BODY
-            ):
-                return refuse(413, "request body too large")
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > MAX_CONTROL_BODY:
-                    return refuse(413, "request body too large")
             reason = await run_in_threadpool(foreign_app, request.headers, body)
             if reason is not None:
                 log.warning("refused a run of %s (%s): %s", user.name, user.role, reason)
                 return refuse(403, reason)
+            answer = await exchange(request, body)
+            if answer.status_code == 200:
+                run_id = started_run(bytes(answer.body))
+                if run_id is not None:
+                    await run_in_threadpool(owners.record, run_id, user.name)
+            return answer
+        if user.role != "operator" and route in RUN_SCOPED:
+            body = await read_body(request, MAX_CONTROL_BODY)
+            if body is None:
+                return refuse(413, "request body too large")
+            run_id = requested_run(route, body)
+            if run_id is None:
+                return refuse(400, f"not a valid {route} request")
+            if route == "list-runs" and run_id == 0:
+                answer = await exchange(request, body)
+                if answer.status_code != 200:
+                    return answer
+                mine = only_runs_of(bytes(answer.body), owners.owned_by(user.name))
+                if mine is None:
+                    return refuse(502, "the SuperLink's run list did not parse")
+                return Response(mine, 200, media_type=answer.headers.get("content-type"))
+            if owners.owner(run_id) != user.name:
+                log.warning("refused %s of run %d to %s: not theirs", route, run_id, user.name)
+                return refuse(403, f"{user.role} {user.name!r} may {route} only runs they started")
             return await forward(request, MAX_CONTROL_BODY, content=body)
         return await forward(request, MAX_CONTROL_BODY)
 

@@ -66,9 +66,9 @@ class RunProgress:
                 f"[yellow]round {event.get('round')}: a site failed: {event.get('reason')}"
             )
         elif kind == Event.NOT_AGGREGATED:
+            why = event.get("reason") or "Flower's DP wrapper drops a round in which a site failed"
             self.console.print(
-                f"[yellow]round {event.get('round')}: the global model was not updated "
-                "(Flower's DP wrapper drops a round in which a site failed)"
+                f"[yellow]round {event.get('round')}: the global model was not updated ({why})"
             )
         elif kind == Event.BUDGET_STOP:
             self.console.print(

@@ -39,6 +39,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fedge.server.run_state import ServerRun
+from fedge.server.strategies import NOT_AGGREGATED
 from fedge.shared.ml.training import Metrics
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,8 @@ class RecordingStrategy(Strategy):
         if parameters is None:
             # Flower's DP wrappers drop a round with any failure: its accounting assumes
             # the sampled number of sites. Say so instead of silently keeping the model.
-            self.run.commit_round(clients, reasons, None, aggregated=False)
+            reason = str(metrics.get(NOT_AGGREGATED, "")) if metrics else ""
+            self.run.commit_round(clients, reasons, None, aggregated=False, reason=reason)
             return None, metrics
         parameters = self._as_model_dtypes(parameters)
         self.run.commit_round(clients, reasons, parameters_to_ndarrays(parameters))

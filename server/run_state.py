@@ -27,7 +27,8 @@ import torch
 
 from fedge.server import events
 from fedge.server.events import Event
-from fedge.server.privacy import privacy_record, site_level_epsilon
+from fedge.server.privacy import composed_epsilon, privacy_record, site_round
+from fedge.server.run_paths import confine_run_paths
 from fedge.server.superlink import ENV_AUTH, ENV_TLS
 from fedge.shared import records
 from fedge.shared.atomic import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
@@ -77,6 +78,7 @@ class RoundRecord:
     available: int = 0
     seconds: float = 0.0
     aggregated: bool = True
+    not_aggregated_reason: str = ""
     recovered: bool = False
 
     def to_json(self) -> dict[str, Any]:
@@ -94,6 +96,8 @@ class RoundRecord:
             "aggregated": self.aggregated,
             "seconds": round(self.seconds, 3),
         }
+        if self.not_aggregated_reason:
+            row["not_aggregated_reason"] = self.not_aggregated_reason
         if self.recovered:
             # Written on resume after a crash: the sites' own evaluation was lost.
             row["recovered"] = True
@@ -113,6 +117,7 @@ class RoundRecord:
             available=int(row.get("available", 0)),
             seconds=float(row.get("seconds", 0.0)),
             aggregated=bool(row.get("aggregated", True)),
+            not_aggregated_reason=str(row.get("not_aggregated_reason", "")),
         )
 
 
@@ -120,6 +125,8 @@ class ServerRun:
     """State and outputs of a run; see the module docstring."""
 
     def __init__(self, cfg: RunConfig) -> None:
+        # Paths the submitter chose stay inside the server's folders (run_paths).
+        cfg = confine_run_paths(cfg)
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir).expanduser().resolve()
         self.task = task_for_run(cfg)
@@ -138,6 +145,9 @@ class ServerRun:
         # Record-level DP: per site, its DP-SGD sample rate, steps per round and rounds, so
         # that anyone can recompute epsilon from the model card alone.
         self.dp_per_site: dict[str, dict[str, float]] = {}
+        # Site-level DP: every round's sampling rate and noise (privacy.site_round), composed
+        # round by round; kept in each checkpoint so that a resume goes on from them.
+        self.site_rounds: list[dict[str, Any]] = []
         self.max_sampled = 0
         self.max_available = 0
         self._eval_loader = self._server_eval_loader()
@@ -166,6 +176,7 @@ class ServerRun:
             self.epsilon = ckpt.metrics.get("epsilon")
             self.epsilon_next_by_site = dict(ckpt.metrics.get("epsilon_next_by_site", {}))
             self.dp_per_site = dict(ckpt.metrics.get("dp_per_site", {}))
+            self.site_rounds = self._saved_site_rounds(ckpt.metrics, ckpt.round)
             summary = self._read_summary()
             self.initial_accuracy = summary.get("initial_accuracy")
             events.emit(Event.RESUME, round=self.start_round, checkpoint=str(latest))
@@ -204,6 +215,23 @@ class ServerRun:
             record.server = {"loss": metrics.loss, "accuracy": metrics.accuracy}
         log.warning("round %d was checkpointed but not recorded: recorded it now", checkpointed)
         self._record(record)
+
+    def _saved_site_rounds(
+        self, metrics: dict[str, Any], checkpointed: int
+    ) -> list[dict[str, Any]]:
+        """The per-round site-DP list of a checkpoint; rounds it lacks count at rate 1.
+
+        A checkpoint written before fedge kept the list (or a damaged list) must not
+        under-count: each missing round is taken as if every site were sampled (q = 1).
+        """
+        if self.cfg.privacy.dp != "site":
+            return []
+        saved = metrics.get("site_rounds")
+        rows = [r for r in saved if isinstance(r, dict)] if isinstance(saved, list) else []
+        known = {int(r.get("round", 0)) for r in rows}
+        z = self.cfg.privacy.noise_multiplier
+        missing = [site_round(r, 1, 1, z) for r in range(1, checkpointed + 1) if r not in known]
+        return sorted(rows + missing, key=lambda r: int(r.get("round", 0)))
 
     @staticmethod
     def _read_json(path: Path) -> dict[str, Any]:
@@ -288,10 +316,8 @@ class ServerRun:
             return not self.stopped_reason
         absolute = self.absolute_round(server_round)
         if self.cfg.privacy.dp == "site":
-            q = sampled / max(available, 1)
-            next_eps = site_level_epsilon(
-                self.cfg.privacy.noise_multiplier, q, absolute, self.cfg.privacy.delta
-            )
+            planned = site_round(absolute, sampled, available, self.cfg.privacy.noise_multiplier)
+            next_eps = composed_epsilon([*self.site_rounds, planned], self.cfg.privacy.delta)
         else:
             next_eps = max(self.epsilon_next_by_site.values(), default=0.0)
         if next_eps > budget:
@@ -310,24 +336,27 @@ class ServerRun:
         failures: list[str],
         arrays: list[np.ndarray] | None,
         aggregated: bool = True,
+        reason: str = "",
     ) -> None:
         """Step 1, aggregate -> checkpoint: take the new global model and write it to disk.
 
         ``arrays`` is the aggregate (None keeps the previous global model); ``aggregated``
-        False says the strategy had results but declined to aggregate them.
+        False says the strategy had results but declined to aggregate them (``reason``:
+        why, when it said).
         """
         record = self._require(_Step.OPEN, "commit")
         record.clients = clients
         record.failures = failures
-        for reason in failures:
-            events.emit(Event.SITE_FAILED, round=record.round, reason=reason)
+        for failure in failures:
+            events.emit(Event.SITE_FAILED, round=record.round, reason=failure)
         self._account_privacy(record)
         if arrays is not None:
             self.load_arrays(arrays)
         if not aggregated:
             record.aggregated = False
-            log.warning("round %d: the global model was not updated", record.round)
-            events.emit(Event.NOT_AGGREGATED, round=record.round)
+            record.not_aggregated_reason = reason
+            log.warning("round %d: the global model was not updated %s", record.round, reason)
+            events.emit(Event.NOT_AGGREGATED, round=record.round, reason=reason)
         record.seconds = time.monotonic() - self.round_started
         # The record goes to disk before the checkpoint: a crash after the checkpoint
         # leaves what resume needs to write this round's metrics line (see _recover).
@@ -417,10 +446,12 @@ class ServerRun:
                         c[records.METRIC_EPSILON_NEXT]
                     )
         elif self.cfg.privacy.dp == "site":
-            q = record.sampled / max(record.available, 1)
-            self.epsilon = site_level_epsilon(
-                self.cfg.privacy.noise_multiplier, q, record.round, self.cfg.privacy.delta
+            done = site_round(
+                record.round, record.sampled, record.available, self.cfg.privacy.noise_multiplier
             )
+            self.site_rounds = [r for r in self.site_rounds if r["round"] != record.round]
+            self.site_rounds.append(done)
+            self.epsilon = composed_epsilon(self.site_rounds, self.cfg.privacy.delta)
         record.epsilon = self.epsilon
 
     def _record(self, record: RoundRecord) -> None:
@@ -439,6 +470,7 @@ class ServerRun:
             "epsilon": self.epsilon,
             "epsilon_next_by_site": self.epsilon_next_by_site,
             "dp_per_site": self.dp_per_site,
+            "site_rounds": self.site_rounds,
         }
 
     def _checkpoint(self, absolute: int) -> None:
@@ -505,6 +537,7 @@ class ServerRun:
                 sampled_clients=self.max_sampled,
                 total_clients=self.max_available,
                 per_site=self.dp_per_site,
+                site_rounds=self.site_rounds,
             ),
         }
         atomic_write_json(self.run_dir / SUMMARY_FILE, summary)

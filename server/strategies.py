@@ -16,9 +16,14 @@ mean by up to w*C, and the stated epsilon would not hold (a 90 % site gets an ef
 noise multiplier of about z/(0.9*m)). With site-level DP fedge therefore gives every
 site the same weight (``EqualSiteWeights``): the mechanism applied is the one the
 accountant assumes.
+
+The noise is sized for ``min-clients`` updates. A round that averages fewer (a site that
+timed out in SecAgg+ without being counted as failed) would get relatively less noise
+than stated, so ``SiteDPFixedClipping`` refuses to aggregate it and says why.
 """
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +44,9 @@ from flwr.server.strategy import (
 from fedge.shared.config import ROBUST_STRATEGIES as ROBUST
 from fedge.shared.config import RunConfig
 
+log = logging.getLogger(__name__)
+# Metric key of a round a strategy declined to aggregate: its value says why.
+NOT_AGGREGATED = "fedge-not-aggregated"
 EvaluateFn = Callable[[int, Any, dict[str, Any]], tuple[float, dict[str, Any]] | None]
 
 
@@ -83,6 +91,31 @@ class EqualSiteWeights(Strategy):
         return self.inner.evaluate(server_round, parameters)
 
 
+class SiteDPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side-clipping DP wrapper that fails closed on a short round.
+
+    The wrapper adds noise z*C/m with m = ``num_sampled_clients``, the stated epsilon's
+    assumption. With fewer than m updates the mean's sensitivity C/n exceeds C/m, so the
+    round is not aggregated (the global model stays) and the reason is returned under
+    ``NOT_AGGREGATED``, for the run's metrics. More than m updates only add noise.
+    """
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        if len(results) < self.num_sampled_clients:
+            reason = (
+                f"site-level DP: {len(results)} update(s) arrived, the noise is sized for "
+                f"{self.num_sampled_clients}; the round was not aggregated"
+            )
+            log.warning("round %d: %s", server_round, reason)
+            return None, {NOT_AGGREGATED: reason}
+        return super().aggregate_fit(server_round, results, failures)
+
+
 def build_strategy(
     cfg: RunConfig,
     initial_parameters: Parameters,
@@ -117,7 +150,7 @@ def build_strategy(
     else:
         strategy = FedAvg(**common)
     if cfg.privacy.dp == "site":
-        strategy = DifferentialPrivacyClientSideFixedClipping(
+        strategy = SiteDPFixedClipping(
             EqualSiteWeights(strategy),
             noise_multiplier=cfg.privacy.noise_multiplier,
             clipping_norm=cfg.privacy.clipping_norm,

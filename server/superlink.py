@@ -42,6 +42,8 @@ class SuperLinkSpec:
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
     tls: TLSFiles | None = None
+    # Folders besides DATA_DIR/runs where submitted runs may write (fedge.server.run_paths).
+    run_roots: tuple[Path, ...] = ()
 
     @property
     def supernode_auth(self) -> bool:
@@ -79,9 +81,25 @@ def superlink_command(spec: SuperLinkSpec) -> list[str]:
 
 
 def superlink_environment(spec: SuperLinkSpec) -> dict[str, str]:
-    """Child environment; tells the ServerApp (a grandchild) how the link is secured."""
+    """Child environment; tells the ServerApp (a grandchild) how the link is secured.
+
+    It also names the server's data dir and the allowed run folders, so that the ServerApp
+    confines the paths a submitter chooses (``fedge.server.run_paths``).
+    """
+    import os
+
+    from fedge.server.run_paths import ENV_DATA_DIR, ENV_RUN_ROOTS, ENV_START_DIR
+
+    roots = [r for r in os.environ.get(ENV_RUN_ROOTS, "").split(os.pathsep) if r.strip()]
+    roots += [str(Path(r).resolve()) for r in spec.run_roots]
     return child_environment(
-        {ENV_TLS: "1" if spec.tls else "0", ENV_AUTH: "1" if spec.supernode_auth else "0"}
+        {
+            ENV_TLS: "1" if spec.tls else "0",
+            ENV_AUTH: "1" if spec.supernode_auth else "0",
+            ENV_DATA_DIR: str(spec.data_dir.resolve()),
+            ENV_START_DIR: os.getcwd(),
+            ENV_RUN_ROOTS: os.pathsep.join(roots),
+        }
     )
 
 

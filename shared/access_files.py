@@ -36,7 +36,9 @@ REQUEST_FORMAT = "fedge-access-request/1"
 ANSWER_FORMAT = "fedge-access-answer/1"
 MAX_FILE_BYTES = 64 << 10
 _INFO = b"fedge-access/1"
-_USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+# What ``fedge.server.operators.grant`` issues: "fedge_" + URL-safe base64 (no newline).
+_TOKEN = re.compile(r"fedge_[A-Za-z0-9_-]{16,250}")
 
 
 def validate_user_name(name: str) -> str:
@@ -47,7 +49,7 @@ def validate_user_name(name: str) -> str:
     ConfigError
         When it is not.
     """
-    if not isinstance(name, str) or not _USER_NAME.match(name):
+    if not isinstance(name, str) or not _USER_NAME.fullmatch(name):
         raise ConfigError(
             f"user name {name!r} is not valid: use 1-64 letters, digits, '_', '.', '@' or '-'"
         )
@@ -217,7 +219,10 @@ def install_access(
     key_path = folder / f"{name}.access.key"
     if not key_path.is_file():
         raise ConfigError(f"no access key for {name} in {folder}: run `fedge access request`")
-    key = X25519PrivateKey.from_private_bytes(key_path.read_bytes())
+    try:
+        key = X25519PrivateKey.from_private_bytes(key_path.read_bytes())
+    except ValueError as e:
+        raise SecurityError(f"{key_path} is not an access key (not 32 raw bytes)") from e
     recipient = key.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
@@ -229,9 +234,17 @@ def install_access(
         )
     except (InvalidTag, ValueError) as e:
         raise SecurityError(f"{answer_path}: the token does not open with this key") from e
+    # Anyone holding the request's public key can seal something to it: what opens is
+    # checked like any input before it is stored (not text, a newline, another format).
+    try:
+        token_text = token.decode("ascii")
+    except UnicodeDecodeError:
+        token_text = ""
+    if not _TOKEN.fullmatch(token_text):
+        raise SecurityError(f"{answer_path}: the sealed token is not a fedge token")
     token_path = folder / f"{name}.token"
     ca_path = folder / f"{name}.ca.crt"
-    atomic_write_text(token_path, token.decode("ascii") + "\n", mode=0o600)
+    atomic_write_text(token_path, token_text + "\n", mode=0o600)
     atomic_write_bytes(ca_path, ca_pem)
     return InstalledAccess(
         name,

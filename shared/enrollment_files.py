@@ -29,7 +29,7 @@ REQUEST_SUFFIX = ".enroll.json"
 APPROVAL_SUFFIX = ".approved.json"
 
 # Site names become folder and file names on both sides: no dots, slashes or spaces.
-_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 # The curves flower-supernode / `flwr supernode register` accept (NIST curves).
 _NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 
@@ -42,7 +42,7 @@ def validate_site_name(name: str) -> str:
     ConfigError
         When it is not.
     """
-    if not _SITE_NAME.match(name):
+    if not _SITE_NAME.fullmatch(name):
         raise ConfigError(
             f"site name {name!r} is not valid: use 1-64 letters, digits, '-' or '_' "
             "(starting with a letter or digit)"

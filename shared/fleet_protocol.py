@@ -31,10 +31,10 @@ STATEMENT_FORMAT = "fedge-channel/1"
 API_PREFIX = "/v1"
 HEALTH_VALUES = ("ok", "degraded", "failed", "no-model")
 ACTIONS = ("publish", "promote", "rollback", "refresh")
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-CHANNEL_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_DETAIL_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+CHANNEL_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_DETAIL_KEY_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_ERROR_CHARS = 2000
 MAX_DETAIL_KEYS = 16
 MAX_DETAIL_CHARS = 200
@@ -51,12 +51,12 @@ class ProtocolError(FedgeError, ValueError):
 
 def is_version(value: object) -> bool:
     """Whether ``value`` is a version name that is safe as a directory name."""
-    return isinstance(value, str) and VERSION_RE.match(value) is not None
+    return isinstance(value, str) and VERSION_RE.fullmatch(value) is not None
 
 
 def is_channel(value: object) -> bool:
     """Whether ``value`` is a valid channel name."""
-    return isinstance(value, str) and CHANNEL_RE.match(value) is not None
+    return isinstance(value, str) and CHANNEL_RE.fullmatch(value) is not None
 
 
 def bundle_download_path(version: str) -> str:
@@ -100,7 +100,7 @@ def _name(
     value = data.get(key)
     if value is None and optional:
         return None
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise ProtocolError(f"{key} {str(value)[:80]!r} is not a valid name")
     return value
 
@@ -126,7 +126,7 @@ def _number(data: Mapping[str, Any], key: str, high: float) -> float | None:
 
 def _sha256(data: Mapping[str, Any], key: str) -> str:
     value = data.get(key)
-    if not isinstance(value, str) or not _SHA256_RE.match(value):
+    if not isinstance(value, str) or not _SHA256_RE.fullmatch(value):
         raise ProtocolError(f"{key} must be a lowercase hex sha256")
     return value
 
@@ -351,7 +351,7 @@ def _detail(raw: object) -> dict[str, str | int | float | bool | None]:
         raise ProtocolError(f"detail has more than {MAX_DETAIL_KEYS} keys")
     out: dict[str, str | int | float | bool | None] = {}
     for key, value in raw.items():
-        if not isinstance(key, str) or not _DETAIL_KEY_RE.match(key):
+        if not isinstance(key, str) or not _DETAIL_KEY_RE.fullmatch(key):
             raise ProtocolError(f"detail key {str(key)[:40]!r} is not a valid name")
         if value is None or isinstance(value, bool):
             out[key] = value

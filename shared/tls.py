@@ -41,7 +41,7 @@ SERVER_VALIDITY_DAYS = 825
 # A server certificate this close to expiry is reissued on the next start.
 RENEW_BEFORE_DAYS = 30
 
-_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
 
 
 def tls_dir(data_dir: Path | str) -> Path:
@@ -265,7 +265,7 @@ def normalize_san(value: str) -> x509.GeneralName | None:
     labels = name.split(".")
     wildcard_ok = labels[0] == "*" and len(labels) > 2
     if not name or not all(
-        _DNS_LABEL.match(label) for label in (labels[1:] if wildcard_ok else labels)
+        _DNS_LABEL.fullmatch(label) for label in (labels[1:] if wildcard_ok else labels)
     ):
         raise ConfigError(
             f"--san {value!r} is not a host name or IP address (give it without a port)"

@@ -18,9 +18,14 @@ from fedge.shared.processes import ProcessGroup
 def local_federation(
     work: Path, data_specs: list[str], secure: bool = False
 ) -> Iterator[LocalFederation]:
-    """A started federation; every process is stopped when the block ends, however."""
+    """A started federation; every process is stopped when the block ends, however.
+
+    Runs, weights and evaluation data may live beside ``work`` (in its parent folder), as
+    the tests keep them: the server allows that folder (fedge.server.run_paths).
+    """
     with ProcessGroup() as group:
-        yield LocalFederation(work, data_specs, group, secure=secure).start()
+        roots = (work.resolve().parent,)
+        yield LocalFederation(work, data_specs, group, secure=secure, run_roots=roots).start()
 
 
 def initial_weights(path: Path, model: str = "cnn", seed: int = 0) -> Path:

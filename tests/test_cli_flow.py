@@ -91,7 +91,7 @@ def test_operator_and_site_flow(tmp_path: Path) -> None:
             "--server",
             server,
             "--out",
-            str(tmp_path / "run"),
+            "runs/run",  # relative: from the folder the server was started in
             "--ca",
             str(data_dir / "tls" / "ca.crt"),
             "--token-file",
@@ -99,11 +99,14 @@ def test_operator_and_site_flow(tmp_path: Path) -> None:
             cwd=tmp_path,
         )
         assert "final accuracy" in run.stdout
-        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        summary = json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())
         assert summary["clients"] == 2 and summary["privacy"]["tls"] is True
         assert summary["privacy"]["supernode_auth"] is True
         listed = fedge("server", "clients", "--data-dir", str(data_dir), cwd=tmp_path).stdout
         assert "site-a" in listed and "site-b" in listed and "online" in listed
+        # Revocation through a server whose public port is the fedge front (the SuperLink
+        # on loopback behind it): a node that is connected is cut off, not just new ones.
+        assert state["front_pid"] and state["control_address"] != server
         fedge("server", "revoke", "site-b", "--data-dir", str(data_dir), cwd=tmp_path)
         listed = fedge("server", "clients", "--data-dir", str(data_dir), cwd=tmp_path).stdout
         assert "revoked" in listed

@@ -7,6 +7,7 @@ podman and runc with apt-get and builds the local stand-in for python:3.11-slim 
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -52,3 +53,6 @@ def test_edge_image_builds_has_no_torch_and_predicts(tmp_path: Path) -> None:
     logits = np.array([p["logits"] for p in answer["predictions"]], dtype=np.float32)
     np.testing.assert_allclose(logits, expected.logits, atol=1e-4)
     assert "exited with code" in done.stdout and "SIGTERM stops the container" in done.stdout
+    # The target for a device image (docs/containers.md): at most 350 MB uncompressed.
+    size = re.search(r"^edge image: (\d+) MB", done.stdout, re.MULTILINE)
+    assert size is not None and int(size.group(1)) <= 350, log

@@ -94,3 +94,60 @@ def test_access_request_grant_install_flow(tmp_path):
     stolen = fedge("access", "install", str(answer), "--ca-fingerprint", ca_fp,
                    "--folder", str(other))  # fmt: skip
     assert stolen.returncode == 6 and "does not open" in stolen.stderr
+
+
+def _seal_raw(request, plaintext: bytes, ca_pem: bytes, out) -> None:
+    """An answer sealing arbitrary bytes to ``request``'s key: anyone holding it can do this."""
+    import base64
+    import os
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from fedge.shared import access_files
+
+    access_files.write_access_answer(request, "scientist", "fedge_" + "A" * 43, ca_pem, out)
+    data = json.loads(out.read_text())
+    eph = X25519PrivateKey.generate()
+    eph_pub = eph.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    shared = eph.exchange(X25519PublicKey.from_public_bytes(request.public_key))
+    nonce = os.urandom(12)
+    key = access_files._key(shared, request.public_key, eph_pub)
+    sealed = AESGCM(key).encrypt(nonce, plaintext, request.name.encode())
+    data["ephemeral_public_key"] = base64.b64encode(eph_pub).decode()
+    data["nonce"] = base64.b64encode(nonce).decode()
+    data["sealed_token"] = base64.b64encode(sealed).decode()
+    out.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "plaintext", [b"\xff\xfe not utf-8", b"fedge_" + b"A" * 43 + b"\nevil", "fedge_é".encode()]
+)
+def test_access_install_refuses_a_sealed_value_that_is_not_a_token(tmp_path, plaintext):
+    from fedge.shared.access_files import (
+        create_access_request,
+        install_access,
+        read_access_request,
+    )
+    from fedge.shared.errors import SecurityError
+    from fedge.shared.tls import certificate_fingerprint, ensure_server_certificate
+
+    tls = ensure_server_certificate(tmp_path / "tls", ["127.0.0.1"])
+    ca = tls.ca_cert.read_bytes()
+    laptop = tmp_path / "laptop"
+    req = create_access_request("alice", "127.0.0.1:9092", laptop)
+    answer = tmp_path / "alice.access.json"
+    _seal_raw(read_access_request(req.path), plaintext, ca, answer)
+    with pytest.raises(SecurityError, match="not a fedge token"):
+        install_access(answer, certificate_fingerprint(ca), laptop)
+    assert not (laptop / "alice.token").exists()
+    # A damaged private key is a one-line error too, not cryptography's ValueError.
+    (laptop / "alice.access.key").write_bytes(b"\xff" * 5)
+    with pytest.raises(SecurityError, match="not an access key"):
+        install_access(answer, certificate_fingerprint(ca), laptop)

@@ -145,6 +145,7 @@ def test_privacy_record_lists_every_parameter() -> None:
         # The noise is z*C/m for an unweighted mean: the record says so, and the rate.
         "aggregation": "unweighted mean of the sites' clipped models (weight 1 each)",
         "sampling_rate": 0.75,
+        "per_round": [],  # given by the run (ServerRun.site_rounds); none here
         "mechanism": "gaussian",
         "clipping_norm": 0.7,
         "noise_multiplier": 1.3,

@@ -378,6 +378,8 @@ def test_site_level_dp_drops_a_round_with_a_failure_and_the_budget_stops_the_run
     # Flower's DP wrapper returns no model for a round with a failure: recorded, and the
     # checkpoint is the unchanged global model.
     assert row["aggregated"] is False and row["epsilon"] == pytest.approx(eps[0])
+    # 2 updates for noise sized for 3: the reason is in the round's line.
+    assert "sized for 3" in row["not_aggregated_reason"]
     ckpt = load_checkpoint(round_path(tmp_path / "run", 1))
     keys = ServerRun(cfg.replace(run_dir=str(tmp_path / "reference"))).keys
     for value, key in zip(grid.sent[0][1], keys, strict=True):
@@ -451,3 +453,37 @@ def test_a_round_without_aggregate_fit_still_closes_with_a_checkpoint(tmp_path: 
     assert "no site could be sampled" in rows[1]["failures"][0]
     assert load_checkpoint(round_path(tmp_path / "run", 2)).round == 2
 
+
+
+def test_site_level_epsilon_composes_every_rounds_own_sampling_rate(tmp_path: Path) -> None:
+    """4 of 4 sites in rounds 1-2, then 1 of 4: each round at its own rate, not the last."""
+    from opacus.accountants import RDPAccountant
+
+    z, delta = 1.0, 1e-5
+    privacy = {"dp": "site", "noise_multiplier": z, "delta": delta}
+    cfg = _cfg(tmp_path / "run", num_rounds=3, server_eval=False, privacy=privacy)
+    run = ServerRun(cfg)
+    for server_round, (sampled, available) in enumerate([(4, 4), (4, 4), (1, 4)], start=1):
+        assert run.open_round(server_round, sampled, available)
+        run.commit_round([], [], None)
+        run.record_server_eval(None)
+        run.close_round()
+    accountant = RDPAccountant()  # independent: another library's RDP accountant
+    accountant.history = [(z, 1.0, 2), (z, 0.25, 1)]
+    independent = accountant.get_epsilon(delta)
+    assert run.epsilon == pytest.approx(independent, rel=0.02)
+    # Composing all three rounds at the last round's rate states epsilon far too low.
+    assert run.epsilon > 1.5 * site_level_epsilon(z, 0.25, 3, delta)
+    summary = run.finish()
+    dp = summary["privacy"]["dp"]
+    # The record alone recomputes it: every round's rate, noise and steps.
+    recomputed = RDPAccountant()
+    recomputed.history = [
+        (r["noise_multiplier"], r["sampling_rate"], r["steps"]) for r in dp["per_round"]
+    ]
+    assert [r["sampling_rate"] for r in dp["per_round"]] == [1.0, 1.0, 0.25]
+    assert dp["epsilon"] == pytest.approx(recomputed.get_epsilon(dp["delta"]), rel=0.02)
+    # A resumed run goes on from the same list (the checkpoint carries it).
+    resumed = ServerRun(cfg.replace(resume=True, num_rounds=4))
+    assert resumed.site_rounds == run.site_rounds
+    assert resumed.budget_allows(1, 4, 4)

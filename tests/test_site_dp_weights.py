@@ -77,3 +77,53 @@ def test_record_lets_anyone_recompute_epsilon_independently() -> None:
     accountant.history = [(record["noise_multiplier"], record["sampling_rate"], record["rounds"])]
     independent = accountant.get_epsilon(record["delta"])
     assert record["epsilon"] == pytest.approx(independent, rel=0.02)
+
+
+def test_a_round_with_fewer_updates_than_the_noise_is_sized_for_is_not_aggregated() -> None:
+    """Noise z*C/m for m = 3 sites over a mean of 2 updates would be z*2/3 of the stated."""
+    from fedge.server.strategies import NOT_AGGREGATED
+
+    cfg = RunConfig(
+        min_clients=3,
+        privacy=PrivacyConfig(dp="site", noise_multiplier=1.0, clipping_norm=CLIP),
+    )
+    initial = ndarrays_to_parameters([np.zeros(DIM)])
+    strategy = build_strategy(cfg, initial, lambda *a: None, lambda r: {}, None, None, 3)
+    rng = np.random.default_rng(2)
+    two = [_fit(rng.normal(size=DIM) * 0.01, 10) for _ in range(2)]
+    params, metrics = strategy.aggregate_fit(1, two, [])
+    assert params is None
+    assert "sized for 3" in str(metrics[NOT_AGGREGATED])
+    three = [*two, _fit(rng.normal(size=DIM) * 0.01, 10)]
+    params, metrics = strategy.aggregate_fit(1, three, [])
+    assert params is not None and NOT_AGGREGATED not in metrics
+
+
+def _distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """L2 norm of a - b over all arrays together (what clipping bounds)."""
+    pairs = zip(a, b, strict=True)
+    return float(np.sqrt(sum(np.sum((x - y).astype(np.float64) ** 2) for x, y in pairs)))
+
+
+def test_a_site_clips_its_update_even_when_the_server_does_not_ask(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No clipping norm in the fit config (a server without the DP wrapper): still clipped."""
+    from fedge.client.site import Site
+    from fedge.shared import records
+
+    monkeypatch.setenv("FEDGE_DEVICE", "cpu")
+    clip = 0.05
+    cfg = RunConfig(model="cnn", mode="head", local_epochs=1, lr=0.5).replace(
+        privacy={"dp": "site", "noise_multiplier": 1.0, "clipping_norm": clip}
+    )
+    site = Site(cfg, {records.NODE_SITE: "a", records.NODE_DATA: "digits:public"})
+    start = [a.copy() for a in site.get_parameters()]
+    out, weight, _ = site.fit(start, {records.CFG_SERVER_ROUND: 1})  # no "clipping_norm" key
+    norm = _distance(out, start)
+    assert norm == pytest.approx(clip, rel=1e-3)  # lr 0.5 moves it far more: clipped to C
+    assert weight == 1 and all(o.dtype == s.dtype for o, s in zip(out, start, strict=True))
+    # Without site-level DP the same training is not clipped.
+    plain = Site(cfg.replace(privacy={"dp": "none"}), {records.NODE_DATA: "digits:public"})
+    out, _, _ = plain.fit(start, {records.CFG_SERVER_ROUND: 1})
+    assert _distance(out, start) > 10 * clip

@@ -126,3 +126,24 @@ def test_guard_reads_the_site_node_config(tmp_path: Path) -> None:
     with pytest.raises(PolicyRefusal):
         guard.check_run(RunConfig())
     json.dumps(guard.admit(RECORD, 1, 0.1, 2))
+
+
+def test_evaluation_replies_are_counted_in_the_ledger_without_epsilon(tmp_path: Path) -> None:
+    """Every evaluation reply is a release: counted before it leaves, outside the epsilon."""
+    guard = _guard(tmp_path, "r")
+    guard.check_run(RECORD)
+    guard.admit(RECORD, 1, 0.1, 10)
+    guard.check_evaluate()
+    guard.check_evaluate()
+    entries = load_ledger(tmp_path / "privacy-ledger.json")
+    assert [e.kind for e in entries] == ["train", "evaluate", "evaluate"]
+    assert (entries[1].dp, entries[1].task) == ("record", RECORD.task)
+    (row,) = runs(entries, 1e-5)
+    assert (row.rounds, row.evaluations) == (1, 2)
+    # The evaluation replies do not change the DP epsilon (no noise to account) ...
+    assert row.epsilon == pytest.approx(_independent([(1.0, 0.1, 10)], 1e-5))
+    # ... and a site that evaluates nothing records nothing.
+    quiet = _guard(tmp_path / "q", "r", evaluate=False)
+    with pytest.raises(PolicyRefusal, match="evaluate = false"):
+        quiet.check_evaluate()
+    assert not (tmp_path / "q" / "privacy-ledger.json").exists()

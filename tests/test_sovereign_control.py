@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -238,7 +239,8 @@ def test_local_operator_commands_still_work(server: Server, tmp_path: Path) -> N
 def test_admitted_scientist_runs_and_resumes_through_the_front(tmp_path: Path) -> None:
     from federation_support import initial_weights, local_federation
 
-    init = initial_weights(tmp_path / "init.safetensors")
+    # Weights and the run folder inside the federation's folder, which the server allows.
+    init = initial_weights(tmp_path / "fed" / "init.safetensors")
     config = tmp_path / "run.toml"
     config.write_text(
         f'task = "digits"\nmodel = "cnn"\ninit-weights = "{init}"\nnum-rounds = 1\n'
@@ -248,7 +250,7 @@ def test_admitted_scientist_runs_and_resumes_through_the_front(tmp_path: Path) -
         assert fed.tls is not None and fed.control_address != fed.address
         token_file = tmp_path / "alice.token"
         token_file.write_text(grant(tmp_path / "fed" / "server", "alice").token + "\n")
-        run_dir = tmp_path / "alice-run"
+        run_dir = tmp_path / "fed" / "alice-run"
         common = ["--server", fed.address, "--ca", str(fed.tls.ca_cert), "--token-file",
                   str(token_file)]  # fmt: skip
         first = _fedge("run", "--config", str(config), "--out", str(run_dir), *common, timeout=600)
@@ -262,3 +264,53 @@ def test_admitted_scientist_runs_and_resumes_through_the_front(tmp_path: Path) -
                          fed.address, "--ca", str(fed.tls.ca_cert), timeout=300)  # fmt: skip
         assert refused.returncode == 6 and "no valid control credential" in refused.stderr
         assert not (run_dir / "checkpoints" / "round-0003.safetensors").exists()
+
+
+def _json_of(text: str) -> dict[str, Any]:
+    start, end = text.find("{"), text.rfind("}")
+    try:
+        return dict(json.loads(text[start : end + 1])) if start >= 0 else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _listed(text: str) -> list[str]:
+    """The run ids in ``flwr ls --format json`` output."""
+    return [str(r.get("run-id")) for r in _json_of(text).get("runs", [])]
+
+
+def test_a_scientist_stops_and_lists_only_their_own_runs(server: Server, tmp_path: Path) -> None:
+    alice = _flwr_home(
+        tmp_path / "alice", server, grant(server.data_dir, "alice2", "scientist").token
+    )
+    bob = _flwr_home(tmp_path / "bob", server, grant(server.data_dir, "bob2", "scientist").token)
+    root = _flwr_home(tmp_path / "root", server, grant(server.data_dir, "root2", "operator").token)
+    run_dir = server.data_dir / "runs" / "alice2"  # in the server's own runs folder
+    ok, text = _flwr(alice, "run", str(APP), "target", "--run-config", f'run-dir="{run_dir}"')
+    assert ok, text[-600:]
+    run_id = str(_json_of(text)["run-id"])
+    # (The run waits for sites that never come; it is stopped below.)
+    ok, text = _flwr(bob, "ls", "target")
+    assert ok and run_id not in _listed(text), text[-600:]
+    assert not _flwr(bob, "ls", "--run-id", run_id, "target")[0]
+    assert not _flwr(bob, "stop", run_id, "target")[0]
+    ok, text = _flwr(alice, "ls", "target")
+    assert ok and run_id in _listed(text), text[-600:]
+    assert _flwr(root, "ls", "--run-id", run_id, "target")[0]  # the operator sees all
+    ok, text = _flwr(alice, "stop", run_id, "target")
+    assert ok, text[-600:]
+
+
+def test_a_run_folder_outside_the_server_is_refused_with_a_clear_error(
+    server: Server, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "carol.token"
+    token_file.write_text(grant(server.data_dir, "carol", "scientist").token + "\n")
+    config = tmp_path / "run.toml"
+    config.write_text("num-rounds = 1\nmin-clients = 1\nfederated-eval = false\n")
+    evil = tmp_path / "evil"
+    done = _fedge("run", "--config", str(config), "--out", str(evil), "--server", server.address,
+                  "--ca", str(server.ca), "--token-file", str(token_file), timeout=300)  # fmt: skip
+    assert done.returncode != 0
+    assert "outside the folders this server lets a run use" in done.stderr, done.stderr[-1500:]
+    assert not (evil / "run_config.json").exists()  # the server wrote nothing there

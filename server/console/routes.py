@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 PREFIX = "/console"
 MAX_FORM_BYTES = 8192
 MAX_FORM_FIELDS = 10
-_RUN_ID = re.compile(r"^[0-9a-f]{12}$")
+_RUN_ID = re.compile(r"[0-9a-f]{12}")
 POLL_MS = 3000
 _STATIC = Path(__file__).with_name("static")
 # No inline script, nothing from elsewhere, no framing: a page that echoed something
@@ -235,7 +235,7 @@ def console_router(registry_dir: Path, server_dir: Path | None = None) -> APIRou
             if template == "run_live.html.j2":
                 return Response("log in again", status_code=401, headers=_HEADERS)
             return redirect("/login")
-        entry = views.find_run(server, run_id) if _RUN_ID.match(run_id) else None
+        entry = views.find_run(server, run_id) if _RUN_ID.fullmatch(run_id) else None
         if entry is None:
             return page(request, "error.html.j2", session, 404, message="no such run")
         row = views.load_row(entry)

@@ -23,7 +23,7 @@ from fedge.shared.fleet_protocol import ProtocolError, StatusReport
 __all__ = ["Device", "DeviceRevoked", "DeviceStore", "DeviceUnknown", "StatusReport"]
 
 TOKEN_PREFIX = "fedge_dev_"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DEFAULT_CHANNEL = "stable"
 
 
@@ -55,7 +55,7 @@ def token_hash(token: str) -> str:
 
 
 def _check_name(name: str) -> str:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise RegistryError(
             f"device name {name!r} is not valid; use letters, digits, '.', '_' or '-' (max 64)"
         )

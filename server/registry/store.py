@@ -166,7 +166,7 @@ class ChannelEvent:
 
 def check_channel(channel: str) -> str:
     """Return ``channel`` if it is a valid channel name, else raise ``RegistryError``."""
-    if not _CHANNEL_RE.match(channel):
+    if not _CHANNEL_RE.fullmatch(channel):
         raise RegistryError(
             f"channel name {channel!r} is not valid; use lowercase letters, digits, '-' or '_'"
         )
@@ -175,7 +175,7 @@ def check_channel(channel: str) -> str:
 
 def check_version(version: str) -> str:
     """Return ``version`` if it can name a directory safely, else raise ``RegistryError``."""
-    if not _VERSION_RE.match(version):
+    if not _VERSION_RE.fullmatch(version):
         raise RegistryError(
             f"bundle version {version!r} cannot be stored: use letters, digits, '.', '_', '+'"
             " or '-' (at most 128, starting with a letter or digit); re-export with another version"

@@ -22,7 +22,7 @@ from fedge.shared.tasks import TaskSpec
 FORMAT = "fedge-checkpoint/1"
 CHECKPOINT_DIR = "checkpoints"
 FINAL_MODEL = "model.safetensors"
-_ROUND_FILE = re.compile(r"round-(\d{4,})\.safetensors$")
+_ROUND_FILE = re.compile(r"round-(\d{4,})\.safetensors")
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def latest_checkpoint(run_dir: Path | str) -> Path | None:
     folder = Path(run_dir) / CHECKPOINT_DIR
     if not folder.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _ROUND_FILE.search(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _ROUND_FILE.fullmatch(p.name))]
     return max(found)[1] if found else None
 
 
