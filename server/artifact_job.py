@@ -190,6 +190,10 @@ def count_noise(
 
 def run_artifact_job(grid: Grid, context: Any, cfg: RunConfig) -> dict[str, Any]:
     """Run the job staged in ``cfg.run_dir``, write its result beside it, and return a summary."""
+    from fedge.server.run_paths import confine_run_paths
+
+    # The run folder is the submitter's choice: confined to the server's folders first.
+    cfg = confine_run_paths(cfg)
     staged = artifact_job_dir.read_job(cfg.run_dir)
     strategy = ArtifactJobStrategy(staged, cfg.privacy.secagg)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
