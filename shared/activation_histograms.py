@@ -27,7 +27,9 @@ import json
 import math
 import re
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -413,22 +415,28 @@ def _tflite_tensors(model_bytes: bytes) -> list[str]:
         engine = quantizer.Quantizer(model_bytes)
         engine.load_quantization_recipe(recipe.static_wi8_ai8())
         signature, input_name = tflite_signature(model_bytes)
-        result = engine.calibrate({signature: [{input_name: np.zeros((1, *shape), np.float32)}]})
+        with quiet_preserve_warning():
+            zero = np.zeros((1, *shape), np.float32)
+            result = engine.calibrate({signature: [{input_name: zero}]})
     except Exception as e:  # the quantizer raises many types
         raise ModelError(f"ai-edge-quantizer cannot calibrate the model: {e}") from e
     return sorted(result)
 
 
+@contextmanager
+def quiet_preserve_warning() -> Iterator[None]:
+    """Hide LiteRT's "preserve_all_tensors is for debugging" warning: calibration needs it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
+        yield
+
+
 def _tflite_interpreter(model_bytes: bytes, preserve: bool) -> Any:
     """A LiteRT interpreter as ai-edge-quantizer's calibrator makes one (XNNPACK on)."""
-    import warnings
-
     from ai_edge_litert.interpreter import Interpreter
 
     try:
-        with warnings.catch_warnings():
-            # "preserve_all_tensors ... is intended for debugging": it is what calibration needs.
-            warnings.simplefilter("ignore", UserWarning)
+        with quiet_preserve_warning():
             interpreter = Interpreter(
                 model_content=bytes(model_bytes), experimental_preserve_all_tensors=preserve
             )

@@ -23,7 +23,6 @@ from fedge.edge.export.calibration import CalibrationReader
 from fedge.edge.export.federated_quantize import (
     onnx_coarse_spec,
     quantize_onnx_static_from_ranges,
-    quantize_tflite_static_from_ranges,
     ranges_from_histograms,
 )
 from fedge.edge.export.quantize import quantize_onnx_static
@@ -37,7 +36,7 @@ from fedge.shared.activation_histograms import (
     refine_spec,
     site_histograms,
 )
-from fedge.shared.errors import DataError, ExportError, ModelError
+from fedge.shared.errors import ConfigError, DataError, ExportError, ModelError
 
 SITES = 3
 AGREEMENT_SLACK = 0.005  # the issue's "within 0.5 points of top-1 agreement"
@@ -85,6 +84,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {
         "model": model, "folder": folder, "fp32": fp32, "union": x[order],
         "sites": np.array_split(x[order], SITES), "test": prepare(test.x, task.preprocessing),
+        "test_y": test.y,
     }  # fmt: skip
 
 
@@ -111,13 +111,56 @@ def test_site_sums_equal_the_union_histogram(digits: dict[str, Any]) -> None:
     assert fine_sum.sum() == len(digits["union"]) * sum(t.elements for t in fine.tensors)
 
 
-def test_federated_onnx_agrees_like_central(digits: dict[str, Any]) -> None:
-    folder, fp32, test = digits["folder"], digits["fp32"], digits["test"]
-    model, spec = onnx_coarse_spec(fp32)
-    ranges = _federated_ranges(model, "onnx", spec, digits["sites"])
-    federated = quantize_onnx_static_from_ranges(fp32, folder / "fed.onnx", ranges)
+@pytest.fixture(scope="module")
+def bundle(digits: dict[str, Any]) -> dict[str, Any]:
+    """A validated bundle whose static int8 ONNX and TFLite come from federated ranges.
+
+    ``export_model`` is given ``ranges_for`` (what ``fedge export --federated`` passes):
+    it runs both histogram passes over the three sites for each fp32 artifact.
+    """
+    from fedge.edge.export.calibration import PreparedData
+    from fedge.edge.export.pipeline import export_model
+    from fedge.shared import signing
+    from fedge.shared.config import RunConfig
+    from fedge.shared.ml.data import task_for_run
+
+    calls: list[str] = []
+
+    def ranges_for(fmt: str, fp32: Path) -> dict[str, tuple[float, float]]:
+        calls.append(fmt)
+        if fmt == "onnx":
+            model, spec = onnx_coarse_spec(fp32)
+        else:
+            model = fp32.read_bytes()
+            spec = coarse_spec(model, fmt)
+        return _federated_ranges(model, fmt, spec, digits["sites"])
+
+    folder = digits["folder"]
+    signing.generate_signing_key(folder / "signing.key")
+    key = signing.load_private_key(folder / "signing.key")
+    test = digits["test"]
+    report = export_model(
+        digits["model"], task_for_run(RunConfig.from_mapping({"num_rounds": 2})),
+        folder / "bundle", eval_set=PreparedData(test, digits["test_y"], "digits:test"),
+        calibration=None, private_key=key, version="fedcal", formats=("onnx", "tflite"),
+        quantize=("none", "static"), progress=False, max_accuracy_drop=2.0,
+        ranges_for=ranges_for,
+    )  # fmt: skip
+    return {"report": report, "calls": calls, "dir": folder / "bundle" / "artifacts"}
+
+
+def test_pipeline_builds_static_int8_from_federated_ranges(bundle: dict[str, Any]) -> None:
+    assert sorted(bundle["calls"]) == ["onnx", "tflite"]
+    rows = {row["artifact"]: row for row in bundle["report"].rows}
+    assert {"model-int8-static.onnx", "model-int8-static.tflite"} <= set(rows)
+    assert not bundle["report"].failed and not bundle["report"].skipped
+
+
+def test_federated_onnx_agrees_like_central(digits: dict[str, Any], bundle: dict[str, Any]) -> None:
+    fp32, federated = bundle["dir"] / "model-fp32.onnx", bundle["dir"] / "model-int8-static.onnx"
     reader = CalibrationReader(digits["union"])
-    central = quantize_onnx_static(fp32, folder / "central.onnx", reader)
+    central = quantize_onnx_static(fp32, digits["folder"] / "central.onnx", reader)
+    test = digits["test"]
     reference = _onnx_logits(fp32, test)
     fed_agree = _agreement(_onnx_logits(federated, test), reference)
     central_agree = _agreement(_onnx_logits(central, test), reference)
@@ -130,25 +173,26 @@ def test_federated_onnx_agrees_like_central(digits: dict[str, Any]) -> None:
     assert ops.count("QuantizeLinear") >= 5
 
 
-def test_federated_tflite_agrees_like_central(digits: dict[str, Any]) -> None:
+@pytest.mark.filterwarnings("ignore:Warning. Enabling .experimental_preserve_all_tensors")
+def test_federated_tflite_agrees_like_central(
+    digits: dict[str, Any], bundle: dict[str, Any]
+) -> None:
     from ai_edge_quantizer import quantizer, recipe
 
-    from fedge.edge.export.tflite_export import export_tflite
     from fedge.shared.activation_histograms import tflite_signature
 
-    folder, test = digits["folder"], digits["test"]
-    fp32 = export_tflite(digits["model"], torch.from_numpy(test[:1]), folder / "fp32.tflite")
+    fp32 = bundle["dir"] / "model-fp32.tflite"
+    federated = bundle["dir"] / "model-int8-static.tflite"
     model = fp32.read_bytes()
-    ranges = _federated_ranges(model, "tflite", coarse_spec(model, "tflite"), digits["sites"])
-    federated = quantize_tflite_static_from_ranges(fp32, folder / "fed.tflite", ranges)
     # Central: ai-edge-quantizer's own calibration on the union of the sites' data.
     engine = quantizer.Quantizer(model)
     engine.load_quantization_recipe(recipe.static_wi8_ai8())
     signature, name = tflite_signature(model)
     result = engine.calibrate({signature: [{name: row[None]} for row in digits["union"]]})
-    central = folder / "central.tflite"
+    central = digits["folder"] / "central.tflite"
     quantized = engine.quantize(calibration_result=result, enable_progress_report=False)
     central.write_bytes(bytes(quantized.quantized_model))
+    test = digits["test"]
     reference = _tflite_logits(fp32, test)
     fed_agree = _agreement(_tflite_logits(federated, test), reference)
     central_agree = _agreement(_tflite_logits(central, test), reference)
@@ -282,3 +326,19 @@ def test_site_side_runs_without_torch_or_flwr(digits: dict[str, Any], tmp_path: 
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout.strip()) == int(site_histograms(model, "onnx", x, spec).sum())
+
+
+def test_static_tflite_is_planned_only_with_federated_ranges() -> None:
+    from fedge.edge.export.pipeline import plan_artifacts
+
+    with pytest.raises(ConfigError, match="dynamic-range only unless federated"):
+        plan_artifacts(("tflite",), ("static",))
+    plans, skipped = plan_artifacts(("tflite",), ("static",), static_tflite=True)
+    assert [(p.name, p.bundled) for p in plans] == [
+        ("model-fp32.tflite", False), ("model-int8-static.tflite", True),
+    ]  # fmt: skip
+    assert not skipped
+    plans, _ = plan_artifacts(("onnx", "tflite"), ("dynamic", "static"), static_tflite=True)
+    assert {"model-int8.tflite", "model-int8-static.tflite", "model-int8-static.onnx"} <= {
+        p.name for p in plans
+    }

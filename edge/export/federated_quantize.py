@@ -281,12 +281,16 @@ def quantize_tflite_static_from_ranges(
             f"ai-edge-quantizer is not installed ({e})", hint='pip install "fedge[server]"'
         ) from e
     from fedge.edge.export.tflite_export import _quiet_litert
-    from fedge.shared.activation_histograms import model_input_shape, tflite_signature
+    from fedge.shared.activation_histograms import (
+        model_input_shape,
+        quiet_preserve_warning,
+        tflite_signature,
+    )
 
     out = Path(out)
     model = Path(fp32_tflite).read_bytes()
     try:
-        with _quiet_litert():
+        with _quiet_litert(), quiet_preserve_warning():
             engine = quantizer.Quantizer(model)
             engine.load_quantization_recipe(recipe.static_wi8_ai8())
             signature, input_name = tflite_signature(model)

@@ -50,6 +50,9 @@ from fedge.shared.tasks import TaskSpec
 log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("none", "dynamic", "static")
+# ``ranges_for(fmt, fp32_path)``: activation ranges for static int8 of that fp32 artifact,
+# from federated calibration (``fedge.edge.export.federated_quantize``) instead of data.
+RangesFor = Callable[[str, Path], Mapping[str, tuple[float, float]]]
 
 
 @dataclass(frozen=True)
@@ -92,12 +95,13 @@ class ArtifactsFailed(ExportError):
 
 
 def plan_artifacts(
-    formats: Sequence[str], quantize: Sequence[str]
+    formats: Sequence[str], quantize: Sequence[str], static_tflite: bool = False
 ) -> tuple[list[_Plan], dict[str, str]]:
     """The artifacts to build for ``formats`` x ``quantize``, and those skipped up front.
 
     An fp32 model is always built when a quantized one needs it; it is bundled
-    only when ``none`` is asked for. TFLite int8 is dynamic-range only.
+    only when ``none`` is asked for. TFLite int8 is dynamic-range, and static as
+    well only with ranges from federated calibration (``static_tflite``).
     """
     plans: list[_Plan] = []
     skipped: dict[str, str] = {}
@@ -109,15 +113,19 @@ def plan_artifacts(
                 plans.append(_Plan(name, "onnx", "int8", mode, "model-fp32.onnx"))
     if "tflite" in formats:
         int8 = "dynamic" in quantize
-        if int8 or "none" in quantize:
+        static = static_tflite and "static" in quantize
+        if int8 or static or "none" in quantize:
             fp32 = _Plan("model-fp32.tflite", "tflite", "fp32", "none", bundled="none" in quantize)
             plans.append(fp32)
         if int8:
             plans.append(_Plan("model-int8.tflite", "tflite", "int8", "dynamic", fp32.name))
-        elif "static" in quantize:
+        if static:
+            name = "model-int8-static.tflite"
+            plans.append(_Plan(name, "tflite", "int8", "static", fp32.name))
+        elif "static" in quantize and not int8:
             skipped["model-int8.tflite"] = (
-                "TFLite int8 is dynamic-range only (static int8 makes the model's I/O int8); "
-                "add 'dynamic' to --quantize"
+                "TFLite int8 is dynamic-range only unless federated calibration gives the "
+                "ranges (static int8 makes the model's I/O int8); add 'dynamic' to --quantize"
             )
     if not plans:
         why = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
@@ -177,15 +185,31 @@ def _builders(
     work: Path,
     reader: CalibrationReader | None,
     target: str = "x86-64",
+    ranges_for: RangesFor | None = None,
 ) -> dict[str, Callable[[Path], Path]]:
+    from fedge.edge.export.federated_quantize import (
+        quantize_onnx_static_from_ranges,
+        quantize_tflite_static_from_ranges,
+    )
     from fedge.edge.export.onnx_export import export_onnx
     from fedge.edge.export.quantize import quantize_onnx_dynamic, quantize_onnx_static
     from fedge.edge.export.tflite_export import export_tflite, quantize_tflite_dynamic
 
     def static(path: Path) -> Path:
+        if ranges_for is not None:
+            fp32 = work / "model-fp32.onnx"
+            return quantize_onnx_static_from_ranges(
+                fp32, path, ranges_for("onnx", fp32), target=target
+            )
         if reader is None:
             raise ExportError("static quantization needs calibration data")
         return quantize_onnx_static(work / "model-fp32.onnx", path, reader, target=target)
+
+    def static_tflite(path: Path) -> Path:
+        if ranges_for is None:
+            raise ExportError("static TFLite int8 needs ranges from federated calibration")
+        fp32 = work / "model-fp32.tflite"
+        return quantize_tflite_static_from_ranges(fp32, path, ranges_for("tflite", fp32))
 
     return {
         "model-fp32.onnx": lambda p: export_onnx(model, sample, p),
@@ -193,6 +217,7 @@ def _builders(
         "model-int8-static.onnx": static,
         "model-fp32.tflite": lambda p: export_tflite(model, sample, p),
         "model-int8.tflite": lambda p: quantize_tflite_dynamic(work / "model-fp32.tflite", p),
+        "model-int8-static.tflite": static_tflite,
     }
 
 
@@ -227,6 +252,7 @@ def export(
     force: bool = False,
     step: Callable[[str], Any] = _no_step,
     target: str = "x86-64",
+    ranges_for: RangesFor | None = None,
 ) -> Exported:
     """Build every requested artifact and write them into a signed, unvalidated bundle.
 
@@ -258,6 +284,9 @@ def export(
         ``step(description)`` returns a context manager around each step (progress).
     target
         The device CPU static int8 is tuned for (``quantize.STATIC_TARGETS``).
+    ranges_for
+        Activation ranges from federated calibration, per fp32 artifact: static
+        int8 then needs no ``calibration`` and is built for TFLite too.
 
     Raises
     ------
@@ -269,8 +298,9 @@ def export(
     check_choices(formats, quantize)
     out_dir = Path(out_dir)
     bundle_writer.check_destination(out_dir, force)
-    plans, skipped = plan_artifacts(formats, quantize)
-    if any(p.quantization == "static" for p in plans) and calibration is None:
+    plans, skipped = plan_artifacts(formats, quantize, static_tflite=ranges_for is not None)
+    needs_data = ranges_for is None and any(p.quantization == "static" for p in plans)
+    if needs_data and calibration is None:
         raise ConfigError("static quantization needs calibration data (--calibration)")
     model = model.eval().cpu()
     if sample is None:
@@ -280,7 +310,7 @@ def export(
     with tempfile.TemporaryDirectory(prefix="fedge-export-") as tmp:
         work = Path(tmp)
         reader = None if calibration is None else CalibrationReader(calibration.x)
-        builders = _builders(model, sample[:1], work, reader, target)
+        builders = _builders(model, sample[:1], work, reader, target, ranges_for)
         built = _build_all(plans, builders, work, skipped, step)
         if not built:
             why = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
@@ -326,6 +356,7 @@ def export_model(
     validate: bool = True,
     eval_spec: str | None = None,
     console: Any = None,
+    ranges_for: RangesFor | None = None,
 ) -> ExportReport:
     """``export``, then (unless ``validate`` is false) validate and record, then move into place.
 
@@ -349,7 +380,7 @@ def export_model(
     bundle_writer.check_destination(out_dir, force)
     if validate and eval_set is None:
         raise ConfigError("validation needs evaluation data (--eval-data), or pass --no-validate")
-    plans, _ = plan_artifacts(formats, quantize)
+    plans, _ = plan_artifacts(formats, quantize, static_tflite=ranges_for is not None)
     total = len(plans) + 1 + (2 if validate else 0)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     message = ""  # why artifacts were left out, when some were
@@ -361,6 +392,7 @@ def export_model(
                 sample=None if eval_set is None else torch.from_numpy(eval_set.x[:1]),
                 calibration=calibration, formats=formats, quantize=quantize,
                 model_card=model_card, privacy=privacy, step=step, target=target,
+                ranges_for=ranges_for,
             )  # fmt: skip
             report = ExportReport(None, [], exported.skipped, [], version, validated=validate)
             if not validate:
