@@ -30,7 +30,6 @@ from fedge.shared.activation_histograms import (
     COARSE_PER_OCTAVE,
     BinSpec,
     TensorBins,
-    coarse_spec,
     gaussian_noise,
     l2_sensitivity,
     refine_spec,
@@ -88,72 +87,44 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _federated_ranges(model: bytes, fmt: str, spec: BinSpec, sites: list[np.ndarray]) -> Any:
-    coarse = sum(site_histograms(model, fmt, x, spec) for x in sites)
-    fine = refine_spec(spec, np.asarray(coarse))
-    summed = sum(site_histograms(model, fmt, x, fine) for x in sites)
-    return ranges_from_histograms(fine, np.asarray(summed))
-
-
-def test_site_sums_equal_the_union_histogram(digits: dict[str, Any]) -> None:
-    model, spec = onnx_coarse_spec(digits["fp32"])
-    assert "input" in spec.names and "logits" in spec.names and len(spec.names) >= 8
-    per_site = [site_histograms(model, "onnx", x, spec) for x in digits["sites"]]
-    summed = np.sum(per_site, axis=0)
-    union = site_histograms(model, "onnx", digits["union"], spec)
-    assert summed.dtype == np.int64 and summed.shape == (spec.total_bins,)
-    np.testing.assert_array_equal(summed, union)
-    # Pass 1 counts records: each tensor's counts add up to the number of examples.
-    assert summed.sum() == len(digits["union"]) * len(spec.tensors)
-    fine = refine_spec(spec, summed)
-    fine_sum = np.sum([site_histograms(model, "onnx", x, fine) for x in digits["sites"]], axis=0)
-    np.testing.assert_array_equal(fine_sum, site_histograms(model, "onnx", digits["union"], fine))
-    assert fine_sum.sum() == len(digits["union"]) * sum(t.elements for t in fine.tensors)
-
-
 @pytest.fixture(scope="module")
 def bundle(digits: dict[str, Any]) -> dict[str, Any]:
-    """A validated bundle whose static int8 ONNX and TFLite come from federated ranges.
+    """A bundle whose static int8 ONNX and TFLite come from federated ranges.
 
-    ``export_model`` is given ``ranges_for`` (what ``fedge export --federated`` passes):
-    it runs both histogram passes over the three sites for each fp32 artifact.
+    ``pipeline.export`` gets ``federated_static_quantizer`` for both formats, with an
+    in-process "round" that sums the three sites' histograms (Flower's job elsewhere).
     """
-    from fedge.edge.export.calibration import PreparedData
-    from fedge.edge.export.pipeline import export_model
+    from fedge.edge.export.federated_quantize import federated_static_quantizer
+    from fedge.edge.export.pipeline import export
     from fedge.shared import signing
     from fedge.shared.config import RunConfig
     from fedge.shared.ml.data import task_for_run
 
-    calls: list[str] = []
+    calls: list[tuple[str, str]] = []
 
-    def ranges_for(fmt: str, fp32: Path) -> dict[str, tuple[float, float]]:
-        calls.append(fmt)
-        if fmt == "onnx":
-            model, spec = onnx_coarse_spec(fp32)
-        else:
-            model = fp32.read_bytes()
-            spec = coarse_spec(model, fmt)
-        return _federated_ranges(model, fmt, spec, digits["sites"])
+    def sum_at_sites(model: bytes, fmt: str, spec: BinSpec) -> np.ndarray:
+        calls.append((fmt, spec.kind))
+        return np.sum([site_histograms(model, fmt, x, spec) for x in digits["sites"]], axis=0)
 
     folder = digits["folder"]
     signing.generate_signing_key(folder / "signing.key")
-    key = signing.load_private_key(folder / "signing.key")
-    test = digits["test"]
-    report = export_model(
+    exported = export(
         digits["model"], task_for_run(RunConfig.from_mapping({"num_rounds": 2})),
-        folder / "bundle", eval_set=PreparedData(test, digits["test_y"], "digits:test"),
-        calibration=None, private_key=key, version="fedcal", formats=("onnx", "tflite"),
-        quantize=("none", "static"), progress=False, max_accuracy_drop=2.0,
-        ranges_for=ranges_for,
+        folder / "bundle", private_key=signing.load_private_key(folder / "signing.key"),
+        version="fedcal", sample=torch.from_numpy(digits["test"][:1]), calibration=None,
+        formats=("onnx", "tflite"), quantize=("none", "static"),
+        static_quantizer=federated_static_quantizer("onnx", sum_at_sites),
+        static_tflite_quantizer=federated_static_quantizer("tflite", sum_at_sites),
     )  # fmt: skip
-    return {"report": report, "calls": calls, "dir": folder / "bundle" / "artifacts"}
+    return {"exported": exported, "calls": calls, "dir": folder / "bundle" / "artifacts"}
 
 
 def test_pipeline_builds_static_int8_from_federated_ranges(bundle: dict[str, Any]) -> None:
-    assert sorted(bundle["calls"]) == ["onnx", "tflite"]
-    rows = {row["artifact"]: row for row in bundle["report"].rows}
-    assert {"model-int8-static.onnx", "model-int8-static.tflite"} <= set(rows)
-    assert not bundle["report"].failed and not bundle["report"].skipped
+    expected = [("onnx", "coarse"), ("onnx", "fine"), ("tflite", "coarse"), ("tflite", "fine")]
+    assert sorted(bundle["calls"]) == expected
+    exported = bundle["exported"]
+    assert not exported.skipped
+    assert {"model-int8-static.onnx", "model-int8-static.tflite"} <= set(exported.sizes)
 
 
 def test_federated_onnx_agrees_like_central(digits: dict[str, Any], bundle: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ import contextlib
 import io
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +34,7 @@ from fedge.edge.export.quantize import (
 from fedge.shared.activation_histograms import (
     BinSpec,
     coarse_spec,
+    refine_spec,
     split_counts,
 )
 from fedge.shared.atomic import atomic_path
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 
 RangeMethod = Literal["percentile", "entropy", "minmax"]
 Ranges = dict[str, tuple[float, float]]
+# ``(model_bytes, fmt, spec) -> summed counts``: one pass at every site, summed (a Flower
+# round with plain sum or SecAgg+, DP noise added by it if the run asks for noise).
+SumAtSites = Callable[[bytes, str, BinSpec], np.ndarray]
 # ORT's defaults in ``create_calibrator``: percentile 99.999 on |x| (symmetric),
 # entropy over 128 signed bins with 128 quantized bins.
 PERCENTILE = 99.999
@@ -158,6 +162,45 @@ def _ort_thresholds(histograms: dict[str, tuple[Any, ...]], method: str) -> dict
     with contextlib.redirect_stdout(io.StringIO()):
         result: dict[str, Any] = collector.compute_collection_result()
     return result
+
+
+def federated_ranges(
+    model: bytes, fmt: str, spec: BinSpec, sum_at_sites: SumAtSites, method: str = "percentile"
+) -> Ranges:
+    """Both passes through ``sum_at_sites``, then ``ranges_from_histograms``.
+
+    ``spec`` is ``coarse_spec(model, fmt)``; ``model`` is what the sites run
+    (for ONNX, ``onnx_coarse_spec``'s bytes).
+    """
+    fine = refine_spec(spec, sum_at_sites(model, fmt, spec))
+    return ranges_from_histograms(fine, sum_at_sites(model, fmt, fine), method)
+
+
+def federated_static_quantizer(
+    fmt: str,
+    sum_at_sites: SumAtSites,
+    *,
+    target: str | StaticSettings = DEFAULT_TARGET,
+    method: str = "percentile",
+) -> Callable[[Path, Path], Path]:
+    """``(fp32, out) -> out`` for the export pipeline: calibrate through the sites, quantize.
+
+    Pass it as ``pipeline.export(static_quantizer=...)`` (``fmt="onnx"``) or
+    ``static_tflite_quantizer=...`` (``fmt="tflite"``); ``target`` applies to ONNX.
+    """
+    if fmt not in ("onnx", "tflite"):
+        raise ExportError(f"unknown format {fmt!r} for federated calibration")
+
+    def quantize(fp32: Path, out: Path) -> Path:
+        if fmt == "onnx":
+            model, spec = onnx_coarse_spec(fp32)
+            ranges = federated_ranges(model, fmt, spec, sum_at_sites, method)
+            return quantize_onnx_static_from_ranges(fp32, out, ranges, target=target)
+        model = Path(fp32).read_bytes()
+        ranges = federated_ranges(model, fmt, coarse_spec(model, fmt), sum_at_sites, method)
+        return quantize_tflite_static_from_ranges(fp32, out, ranges)
+
+    return quantize
 
 
 # ------------------------------------------------------------------------ ONNX

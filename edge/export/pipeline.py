@@ -50,9 +50,6 @@ from fedge.shared.tasks import TaskSpec
 log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("none", "dynamic", "static")
-# ``ranges_for(fmt, fp32_path)``: activation ranges for static int8 of that fp32 artifact,
-# from federated calibration (``fedge.edge.export.federated_quantize``) instead of data.
-RangesFor = Callable[[str, Path], Mapping[str, tuple[float, float]]]
 
 
 @dataclass(frozen=True)
@@ -185,31 +182,24 @@ def _builders(
     work: Path,
     reader: CalibrationReader | None,
     target: str = "x86-64",
-    ranges_for: RangesFor | None = None,
+    static_quantizer: Callable[[Path, Path], Path] | None = None,
+    static_tflite_quantizer: Callable[[Path, Path], Path] | None = None,
 ) -> dict[str, Callable[[Path], Path]]:
-    from fedge.edge.export.federated_quantize import (
-        quantize_onnx_static_from_ranges,
-        quantize_tflite_static_from_ranges,
-    )
     from fedge.edge.export.onnx_export import export_onnx
     from fedge.edge.export.quantize import quantize_onnx_dynamic, quantize_onnx_static
     from fedge.edge.export.tflite_export import export_tflite, quantize_tflite_dynamic
 
     def static(path: Path) -> Path:
-        if ranges_for is not None:
-            fp32 = work / "model-fp32.onnx"
-            return quantize_onnx_static_from_ranges(
-                fp32, path, ranges_for("onnx", fp32), target=target
-            )
+        if static_quantizer is not None:  # ranges from elsewhere (federated calibration)
+            return static_quantizer(work / "model-fp32.onnx", path)
         if reader is None:
             raise ExportError("static quantization needs calibration data")
         return quantize_onnx_static(work / "model-fp32.onnx", path, reader, target=target)
 
     def static_tflite(path: Path) -> Path:
-        if ranges_for is None:
+        if static_tflite_quantizer is None:
             raise ExportError("static TFLite int8 needs ranges from federated calibration")
-        fp32 = work / "model-fp32.tflite"
-        return quantize_tflite_static_from_ranges(fp32, path, ranges_for("tflite", fp32))
+        return static_tflite_quantizer(work / "model-fp32.tflite", path)
 
     return {
         "model-fp32.onnx": lambda p: export_onnx(model, sample, p),
@@ -252,7 +242,8 @@ def export(
     force: bool = False,
     step: Callable[[str], Any] = _no_step,
     target: str = "x86-64",
-    ranges_for: RangesFor | None = None,
+    static_quantizer: Callable[[Path, Path], Path] | None = None,
+    static_tflite_quantizer: Callable[[Path, Path], Path] | None = None,
 ) -> Exported:
     """Build every requested artifact and write them into a signed, unvalidated bundle.
 
@@ -284,9 +275,13 @@ def export(
         ``step(description)`` returns a context manager around each step (progress).
     target
         The device CPU static int8 is tuned for (``quantize.STATIC_TARGETS``).
-    ranges_for
-        Activation ranges from federated calibration, per fp32 artifact: static
-        int8 then needs no ``calibration`` and is built for TFLite too.
+    static_quantizer
+        ``(fp32_onnx, out) -> out`` to build static int8 instead of calibrating on
+        ``calibration`` (federated calibration: ``fedge.edge.export.federated_export``).
+    static_tflite_quantizer
+        ``(fp32_tflite, out) -> out``: static int8 TFLite (``model-int8-static.tflite``)
+        from federated ranges (``federated_quantize.federated_static_quantizer``);
+        without it TFLite int8 is dynamic-range only.
 
     Raises
     ------
@@ -298,9 +293,11 @@ def export(
     check_choices(formats, quantize)
     out_dir = Path(out_dir)
     bundle_writer.check_destination(out_dir, force)
-    plans, skipped = plan_artifacts(formats, quantize, static_tflite=ranges_for is not None)
-    needs_data = ranges_for is None and any(p.quantization == "static" for p in plans)
-    if needs_data and calibration is None:
+    plans, skipped = plan_artifacts(
+        formats, quantize, static_tflite=static_tflite_quantizer is not None
+    )
+    static = any(p.quantization == "static" and p.format == "onnx" for p in plans)
+    if static and calibration is None and static_quantizer is None:
         raise ConfigError("static quantization needs calibration data (--calibration)")
     model = model.eval().cpu()
     if sample is None:
@@ -310,7 +307,9 @@ def export(
     with tempfile.TemporaryDirectory(prefix="fedge-export-") as tmp:
         work = Path(tmp)
         reader = None if calibration is None else CalibrationReader(calibration.x)
-        builders = _builders(model, sample[:1], work, reader, target, ranges_for)
+        builders = _builders(
+            model, sample[:1], work, reader, target, static_quantizer, static_tflite_quantizer
+        )
         built = _build_all(plans, builders, work, skipped, step)
         if not built:
             why = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
@@ -356,7 +355,6 @@ def export_model(
     validate: bool = True,
     eval_spec: str | None = None,
     console: Any = None,
-    ranges_for: RangesFor | None = None,
 ) -> ExportReport:
     """``export``, then (unless ``validate`` is false) validate and record, then move into place.
 
@@ -380,7 +378,7 @@ def export_model(
     bundle_writer.check_destination(out_dir, force)
     if validate and eval_set is None:
         raise ConfigError("validation needs evaluation data (--eval-data), or pass --no-validate")
-    plans, _ = plan_artifacts(formats, quantize, static_tflite=ranges_for is not None)
+    plans, _ = plan_artifacts(formats, quantize)
     total = len(plans) + 1 + (2 if validate else 0)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     message = ""  # why artifacts were left out, when some were
@@ -392,7 +390,6 @@ def export_model(
                 sample=None if eval_set is None else torch.from_numpy(eval_set.x[:1]),
                 calibration=calibration, formats=formats, quantize=quantize,
                 model_card=model_card, privacy=privacy, step=step, target=target,
-                ranges_for=ranges_for,
             )  # fmt: skip
             report = ExportReport(None, [], exported.skipped, [], version, validated=validate)
             if not validate:
