@@ -40,8 +40,12 @@ SITES = 3
 DARKER = 0.5  # the public split's brightness factor for (c)
 
 
-def load_sets(name: str, size: int) -> dict[str, Any]:
-    """The task, sites' inputs/labels, union, test set and the shifted public split."""
+def load_sets(name: str, size: int, per_site: int) -> dict[str, Any]:
+    """The task, sites' inputs/labels, union, test set and the shifted public split.
+
+    ``per_site`` > 0 keeps that many examples per site (the first ones), for
+    calibration and the timed epoch alike; training uses them all.
+    """
     from fedge.shared.config import RunConfig
     from fedge.shared.ml.data import load_data, task_for_run
     from fedge.shared.preprocess import prepare
@@ -49,12 +53,17 @@ def load_sets(name: str, size: int) -> dict[str, Any]:
     cfg = RunConfig(model=name, image_size=0 if name == "cnn" else size)
     task = task_for_run(cfg)
     sites = [load_data(f"digits#{i}/{SITES}", task) for i in range(SITES)]
+    train_x = np.concatenate([prepare(s.x, task.preprocessing) for s in sites])
+    train_y = np.concatenate([s.y for s in sites])
+    if per_site:
+        sites = [type(s)(s.x[:per_site], s.y[:per_site], s.classes) for s in sites]
     public = load_data("digits:public", task)
     shifted = np.clip(public.x.astype(np.float32) * DARKER, 0, 255).astype(np.uint8)
     test = load_data("digits:test", task)
     site_x = [prepare(s.x, task.preprocessing) for s in sites]
     return {
         "cfg": cfg, "task": task, "sites": site_x, "site_y": [s.y for s in sites],
+        "train_x": train_x, "train_y": train_y,
         "union": np.concatenate(site_x), "union_y": np.concatenate([s.y for s in sites]),
         "public": prepare(shifted, task.preprocessing),
         "test": prepare(test.x, task.preprocessing), "test_y": test.y,
@@ -62,7 +71,7 @@ def load_sets(name: str, size: int) -> dict[str, Any]:
 
 
 def train_model(sets: dict[str, Any], epochs: int) -> tuple[Any, float]:
-    """The model trained centrally on the union; seconds of one local epoch on site 0's data."""
+    """The model trained centrally on the sites' data; seconds of one local epoch at site 0."""
     import torch
 
     from fedge.shared.ml.models import build_run_model
@@ -70,7 +79,7 @@ def train_model(sets: dict[str, Any], epochs: int) -> tuple[Any, float]:
 
     torch.manual_seed(0)
     model = build_run_model(sets["cfg"], sets["task"], load_weights=False)
-    loader = make_loader(sets["union"], sets["union_y"], 32, True)
+    loader = make_loader(sets["train_x"], sets["train_y"], 32, True)
     train(model, loader, epochs, 0.05, torch.device("cpu"))
     site = make_loader(sets["sites"][0], sets["site_y"][0], 32, True)
     scratch = copy.deepcopy(model)  # the timed epoch must not change the benchmarked model
@@ -208,6 +217,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="training epochs of each model")
     parser.add_argument("--models", default="cnn,mobilenet_v3_small")
     parser.add_argument("--noise", type=float, default=1.0, help="DP noise multiplier for (d)")
+    parser.add_argument(
+        "--backbone-per-site",
+        type=int,
+        default=150,
+        help="calibration examples per site for backbones (0: all)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     results: dict[str, Any] = {}
@@ -215,18 +230,19 @@ def main() -> None:
         for name in args.models.split(","):
             label = "cnn 8x8" if name == "cnn" else f"{name} {args.size}x{args.size}"
             print(f"  {label}: training", file=sys.stderr)
-            sets = load_sets(name, args.size)
+            sets = load_sets(name, args.size, 0 if name == "cnn" else args.backbone_per_site)
             model, epoch_seconds = train_model(sets, args.epochs)
             for fmt, build in (("onnx", onnx_variants), ("tflite", tflite_variants)):
                 work = Path(tmp) / f"{name}-{fmt}"
                 work.mkdir()
-                print(f"  {label}: {fmt}", file=sys.stderr)
+                started = time.perf_counter()
                 variants = build(model, sets, work, args.noise)
+                print(f"  {label}: {fmt} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
                 results[f"{label} {fmt}"] = {
                     "rows": score(variants, sets),
                     "site_histogram_seconds": variants["site_seconds"],
                     "site_epoch_seconds": epoch_seconds,
-                    "site_examples": len(sets["sites"][0]),
+                    "site_examples": [len(x) for x in sets["sites"]],
                 }
     render(results)
     if args.json:

@@ -45,6 +45,7 @@ __all__ = [
     "gaussian_noise",
     "l2_sensitivity",
     "model_input_shape",
+    "onnx_with_outputs",
     "refine_spec",
     "site_histograms",
     "split_counts",
@@ -482,8 +483,11 @@ def _onnx_session(model_bytes: bytes) -> Any:
         raise ModelError(f"ONNX Runtime cannot load the model: {e}") from e
 
 
-def _onnx_with_outputs(model_bytes: bytes, names: tuple[str, ...]) -> bytes:
-    """``model_bytes`` with ``names`` added as graph outputs (ORT calibrater's augmentation)."""
+def onnx_with_outputs(model_bytes: bytes, names: tuple[str, ...]) -> bytes:
+    """``model_bytes`` with ``names`` added as graph outputs (ORT calibrater's augmentation).
+
+    The server ships models augmented this way, so that a site needs only ONNX Runtime.
+    """
     import onnx
     from onnx import shape_inference
 
@@ -512,7 +516,7 @@ def _activations(
         outputs = {o.name for o in session.get_outputs()}
         if not set(names) <= outputs:
             # A model that does not expose the tensors yet: augment it as ORT's calibrater does.
-            session = _onnx_session(_onnx_with_outputs(model_bytes, names))
+            session = _onnx_session(onnx_with_outputs(model_bytes, names))
         input_name = session.get_inputs()[0].name
         for start in range(0, len(x), BATCH):
             batch = x[start : start + BATCH]

@@ -269,7 +269,7 @@ BLOCKER = textwrap.dedent(
 
     class Blocker(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "flwr", "sklearn", "ai_edge_quantizer"):
+            if name.split(".")[0] in ("torch", "flwr", "sklearn", "ai_edge_quantizer", "onnx"):
                 raise ImportError(f"{name} is blocked at a site")
             return None
 
@@ -284,7 +284,7 @@ BLOCKER = textwrap.dedent(
 )
 
 
-def test_site_side_runs_without_torch_or_flwr(digits: dict[str, Any], tmp_path: Path) -> None:
+def test_site_side_runs_without_torch_flwr_or_onnx(digits: dict[str, Any], tmp_path: Path) -> None:
     model, spec = onnx_coarse_spec(digits["fp32"])
     x = digits["sites"][1][:10]
     (tmp_path / "m.onnx").write_bytes(model)

@@ -34,6 +34,7 @@ from fedge.edge.export.quantize import (
 from fedge.shared.activation_histograms import (
     BinSpec,
     coarse_spec,
+    onnx_with_outputs,
     refine_spec,
     split_counts,
 )
@@ -64,9 +65,14 @@ def calibration_model(fp32_onnx: Path | str) -> bytes:
 
 
 def onnx_coarse_spec(fp32_onnx: Path | str) -> tuple[bytes, BinSpec]:
-    """``(model bytes for the sites, pass-1 spec)`` for an fp32 ONNX file."""
+    """``(model bytes for the sites, pass-1 spec)`` for an fp32 ONNX file.
+
+    The bytes are the prepared model with the spec's tensors added as outputs, so a
+    site runs them with ONNX Runtime alone (no ``onnx`` package).
+    """
     model = calibration_model(fp32_onnx)
-    return model, coarse_spec(model, "onnx")
+    spec = coarse_spec(model, "onnx")
+    return onnx_with_outputs(model, spec.names), spec
 
 
 def _occupied_range(t_lo: float, t_hi: float, counts: np.ndarray) -> tuple[float, float]:
