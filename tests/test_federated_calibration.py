@@ -313,3 +313,26 @@ def test_static_tflite_is_planned_only_with_federated_ranges() -> None:
     assert {"model-int8.tflite", "model-int8-static.tflite", "model-int8-static.onnx"} <= {
         p.name for p in plans
     }
+
+
+def test_range_methods_against_the_true_activations(digits: dict[str, Any]) -> None:
+    import onnxruntime as ort
+
+    model, spec = onnx_coarse_spec(digits["fp32"])
+    union = digits["union"]
+    fine = refine_spec(spec, site_histograms(model, "onnx", union, spec), quantile=1.0)
+    summed = site_histograms(model, "onnx", union, fine)
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    values = dict(zip(fine.names, session.run(list(fine.names), {"input": union}), strict=True))
+    minmax = ranges_from_histograms(fine, summed, "minmax")
+    for method in ("percentile", "entropy"):
+        ranges = ranges_from_histograms(fine, summed, method)
+        for t in fine.tensors:
+            width = (t.hi - t.lo) / t.bins
+            lo, hi = ranges[t.name]
+            assert minmax[t.name][0] - width <= lo <= hi <= minmax[t.name][1] + width
+    for t in fine.tensors:  # quantile 1.0: nothing clamped, so min/max within one fine bin
+        width = (t.hi - t.lo) / t.bins
+        true_lo, true_hi = min(values[t.name].min(), 0.0), max(values[t.name].max(), 0.0)
+        assert abs(minmax[t.name][0] - true_lo) <= width
+        assert abs(minmax[t.name][1] - true_hi) <= width
