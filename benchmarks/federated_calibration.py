@@ -107,13 +107,13 @@ def federated_ranges(
     model: bytes, fmt: str, spec: Any, sites: list[np.ndarray], noise: float
 ) -> tuple[dict[str, tuple[float, float]], float]:
     """Two passes over the sites; the ranges, and the seconds site 0 spent on histograms."""
-    from fedge.edge.export.federated_quantize import ranges_from_histograms
-    from fedge.shared.activation_histograms import gaussian_noise, refine_spec, site_histograms
+    from fedge.edge.export.federated_quantize import federated_ranges
+    from fedge.shared.activation_histograms import gaussian_noise, site_histograms
 
     rng = np.random.default_rng(0)
     seconds = 0.0
 
-    def at_sites(bins: Any) -> np.ndarray:
+    def at_sites(model: bytes, fmt: str, bins: Any) -> np.ndarray:
         nonlocal seconds
         counts = []
         for index, x in enumerate(sites):
@@ -124,8 +124,7 @@ def federated_ranges(
         summed = np.sum(counts, axis=0)
         return gaussian_noise(summed, bins, noise, rng) if noise else summed
 
-    fine = refine_spec(spec, at_sites(spec))
-    return ranges_from_histograms(fine, at_sites(fine)), seconds
+    return federated_ranges(model, fmt, spec, at_sites, noise_multiplier=noise), seconds
 
 
 def onnx_variants(model: Any, sets: dict[str, Any], work: Path, noise: float) -> dict[str, Any]:
@@ -244,6 +243,8 @@ def main() -> None:
                     "site_epoch_seconds": epoch_seconds,
                     "site_examples": [len(x) for x in sets["sites"]],
                 }
+                for row_label, row in results[f"{label} {fmt}"]["rows"].items():  # progress
+                    print(f"    {row_label:<22} agreement {row['agreement']:.3f}", file=sys.stderr)
     render(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
