@@ -69,7 +69,7 @@ BATCH = 64  # examples per ONNX Runtime call at a site
 MAX_TENSORS = 4096
 MAX_BINS_PER_TENSOR = 16384
 MAX_TOTAL_BINS = 1 << 22  # 32 MiB of int64 counts
-MAX_NAME_CHARS = 1024
+MAX_NAME_CHARS = 8192  # litert-torch joins fused ops' module paths with ';'
 MAX_ELEMENTS = 1 << 28
 MAX_SPEC_BYTES = 4 << 20
 MAX_ABS_EDGE = 1e30
@@ -169,7 +169,9 @@ def _validate(spec: BinSpec) -> None:
         raise DataError(f"a bin spec needs 1 to {MAX_TENSORS} tensors, not {len(spec.tensors)}")
     seen: set[str] = set()
     for t in spec.tensors:
-        if len(t.name) > MAX_NAME_CHARS or not NAME_PATTERN.fullmatch(t.name):
+        if len(t.name) > MAX_NAME_CHARS:
+            raise DataError(f"tensor name of {len(t.name)} characters in bin spec (too long)")
+        if not NAME_PATTERN.fullmatch(t.name):
             raise DataError(f"bad tensor name {t.name[:80]!r} in bin spec")
         if t.name in seen:
             raise DataError(f"tensor {t.name[:80]!r} appears twice in the bin spec")
