@@ -107,13 +107,13 @@ def federated_ranges(
     model: bytes, fmt: str, spec: Any, sites: list[np.ndarray], noise: float
 ) -> tuple[dict[str, tuple[float, float]], float]:
     """Two passes over the sites; the ranges, and the seconds site 0 spent on histograms."""
-    from fedge.edge.export.federated_quantize import ranges_from_histograms
-    from fedge.shared.activation_histograms import gaussian_noise, refine_spec, site_histograms
+    from fedge.edge.export.federated_quantize import federated_ranges
+    from fedge.shared.activation_histograms import gaussian_noise, site_histograms
 
     rng = np.random.default_rng(0)
     seconds = 0.0
 
-    def at_sites(bins: Any) -> np.ndarray:
+    def at_sites(model: bytes, fmt: str, bins: Any) -> np.ndarray:
         nonlocal seconds
         counts = []
         for index, x in enumerate(sites):
@@ -124,8 +124,7 @@ def federated_ranges(
         summed = np.sum(counts, axis=0)
         return gaussian_noise(summed, bins, noise, rng) if noise else summed
 
-    fine = refine_spec(spec, at_sites(spec))
-    return ranges_from_histograms(fine, at_sites(fine)), seconds
+    return federated_ranges(model, fmt, spec, at_sites, noise_multiplier=noise), seconds
 
 
 def onnx_variants(model: Any, sets: dict[str, Any], work: Path, noise: float) -> dict[str, Any]:
@@ -153,7 +152,7 @@ def onnx_variants(model: Any, sets: dict[str, Any], work: Path, noise: float) ->
     paths[f"federated+dp({noise:g})"] = quantize_onnx_static_from_ranges(
         fp32, work / "d.onnx", ranges
     )
-    return {"runners": {k: onnx_runner(p) for k, p in paths.items()}, "site_seconds": seconds}
+    return {"runners": {k: (onnx_runner, p) for k, p in paths.items()}, "site_seconds": seconds}
 
 
 def tflite_central(model: bytes, x: np.ndarray, out: Path) -> Path:
@@ -192,15 +191,24 @@ def tflite_variants(model: Any, sets: dict[str, Any], work: Path, noise: float) 
     paths[f"federated+dp({noise:g})"] = quantize_tflite_static_from_ranges(
         fp32, work / "d.tflite", ranges
     )
-    return {"runners": {k: tflite_runner(p) for k, p in paths.items()}, "site_seconds": seconds}
+    return {"runners": {k: (tflite_runner, p) for k, p in paths.items()}, "site_seconds": seconds}
 
 
-def score(variants: dict[str, Any], sets: dict[str, Any]) -> dict[str, dict[str, float]]:
+def score(variants: dict[str, Any], sets: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Accuracy, drop vs fp32 (points) and top-1 agreement with fp32, per variant."""
-    logits = {k: run(sets["test"]) for k, run in variants["runners"].items()}
+    logits, failed = {}, {}
+    for label, (runner, path) in variants["runners"].items():
+        try:
+            logits[label] = runner(path)(sets["test"])
+        except Exception as e:  # an artifact the runtime cannot load is a result too
+            failed[label] = str(e).strip().splitlines()[0][:120]
     reference = logits["fp32"].argmax(1)
     base = float((reference == sets["test_y"]).mean())
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {
+        label: {"accuracy": float("nan"), "drop_points": float("nan"),
+                "agreement": float("nan"), "error": why}
+        for label, why in failed.items()
+    }  # fmt: skip
     for label, out in logits.items():
         accuracy = float((out.argmax(1) == sets["test_y"]).mean())
         rows[label] = {
@@ -244,6 +252,8 @@ def main() -> None:
                     "site_epoch_seconds": epoch_seconds,
                     "site_examples": [len(x) for x in sets["sites"]],
                 }
+                for row_label, row in results[f"{label} {fmt}"]["rows"].items():  # progress
+                    print(f"    {row_label:<22} agreement {row['agreement']:.3f}", file=sys.stderr)
     render(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -253,8 +263,9 @@ def render(results: dict[str, Any]) -> None:
     print(f"{'model / format':<32} {'calibration':<22} {'acc':>6} {'drop':>6} {'agree':>6}")
     for key, res in results.items():
         for label, row in res["rows"].items():
+            note = f"  (cannot run: {row['error']})" if "error" in row else ""
             print(f"{key:<32} {label:<22} {row['accuracy']:6.3f} {row['drop_points']:6.2f} "
-                  f"{row['agreement']:6.3f}")  # fmt: skip
+                  f"{row['agreement']:6.3f}{note}")  # fmt: skip
     print("\nin-process estimate, per site (both histogram passes vs one local training epoch;")
     print("excludes Flower messaging and process start-up, which dominate a real round):")
     for key, res in results.items():

@@ -45,6 +45,7 @@ __all__ = [
     "gaussian_noise",
     "l2_sensitivity",
     "model_input_shape",
+    "noise_sigma",
     "onnx_with_outputs",
     "refine_spec",
     "site_histograms",
@@ -68,12 +69,13 @@ BATCH = 64  # examples per ONNX Runtime call at a site
 MAX_TENSORS = 4096
 MAX_BINS_PER_TENSOR = 16384
 MAX_TOTAL_BINS = 1 << 22  # 32 MiB of int64 counts
-MAX_NAME_CHARS = 1024
+MAX_NAME_CHARS = 8192  # litert-torch joins fused ops' module paths with ';'
 MAX_ELEMENTS = 1 << 28
 MAX_SPEC_BYTES = 4 << 20
 MAX_ABS_EDGE = 1e30
-# Tensor names as ONNX exporters and litert-torch write them (paths, dots, semicolons).
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.:;/\-]+")
+# Printable ASCII: litert-torch writes module paths with dots, slashes, semicolons,
+# brackets and more; no control characters or non-ASCII reach logs or error messages.
+NAME_PATTERN = re.compile(r"[\x20-\x7e]+")
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,9 @@ def _validate(spec: BinSpec) -> None:
         raise DataError(f"a bin spec needs 1 to {MAX_TENSORS} tensors, not {len(spec.tensors)}")
     seen: set[str] = set()
     for t in spec.tensors:
-        if len(t.name) > MAX_NAME_CHARS or not NAME_PATTERN.fullmatch(t.name):
+        if len(t.name) > MAX_NAME_CHARS:
+            raise DataError(f"tensor name of {len(t.name)} characters in bin spec (too long)")
+        if not NAME_PATTERN.fullmatch(t.name):
             raise DataError(f"bad tensor name {t.name[:80]!r} in bin spec")
         if t.name in seen:
             raise DataError(f"tensor {t.name[:80]!r} appears twice in the bin spec")
@@ -289,13 +293,19 @@ def site_histograms(model_bytes: bytes, fmt: str, x: np.ndarray, spec: BinSpec) 
 
 
 def refine_spec(
-    spec: BinSpec, summed: np.ndarray, quantile: float = DEFAULT_QUANTILE, bins: int = FINE_BINS
+    spec: BinSpec,
+    summed: np.ndarray,
+    quantile: float = DEFAULT_QUANTILE,
+    bins: int = FINE_BINS,
+    noise_floor: float = 0.0,
 ) -> BinSpec:
     """The pass-2 spec: per tensor ``[-M, M]`` from the summed pass-1 counts.
 
     ``M`` is the upper edge of the coarse bin where the ``quantile`` of the
     records' maxima falls (rounded up to the bin edge). Noisy (DP) sums are
-    clipped at zero first.
+    clipped at zero first, and counts below ``noise_floor`` (e.g. 3 sigma of the
+    added noise) are dropped: otherwise the noise in the ~190 empty bins, spread up
+    to 2^24, drags the quantile far out.
 
     Raises
     ------
@@ -308,7 +318,8 @@ def refine_spec(
         raise DataError(f"quantile must be in (0, 1], not {quantile}")
     fine = []
     for t in spec.tensors:
-        c = np.clip(split_counts(spec, summed)[t.name].astype(np.float64), 0, None)
+        c = split_counts(spec, summed)[t.name].astype(np.float64)
+        c[c < max(noise_floor, 0.0)] = 0.0
         total = c.sum()
         if total <= 0:
             raise DataError(f"no pass-1 counts for tensor {t.name[:80]!r}")
@@ -334,6 +345,11 @@ def l2_sensitivity(spec: BinSpec) -> float:
     return math.sqrt(sum(float(t.elements) ** 2 for t in spec.tensors))
 
 
+def noise_sigma(spec: BinSpec, noise_multiplier: float) -> float:
+    """Standard deviation of the noise ``gaussian_noise`` adds for ``spec``."""
+    return noise_multiplier * l2_sensitivity(spec)
+
+
 def gaussian_noise(
     summed: np.ndarray, spec: BinSpec, noise_multiplier: float, rng: np.random.Generator
 ) -> np.ndarray:
@@ -348,7 +364,7 @@ def gaussian_noise(
         raise DataError("noise_multiplier must be >= 0")
     split_counts(spec, summed)  # checks the length
     counts = np.asarray(summed, dtype=np.float64)
-    sigma = noise_multiplier * l2_sensitivity(spec)
+    sigma = noise_sigma(spec, noise_multiplier)
     noisy = counts + rng.normal(0.0, sigma, size=counts.shape)
     return np.clip(np.rint(noisy), 0, None).astype(np.int64)
 

@@ -34,6 +34,7 @@ from fedge.edge.export.quantize import (
 from fedge.shared.activation_histograms import (
     BinSpec,
     coarse_spec,
+    noise_sigma,
     onnx_with_outputs,
     refine_spec,
     split_counts,
@@ -82,7 +83,9 @@ def _occupied_range(t_lo: float, t_hi: float, counts: np.ndarray) -> tuple[float
     return t_lo + nonzero[0] * width, t_lo + (nonzero[-1] + 1) * width
 
 
-def ranges_from_histograms(spec: BinSpec, summed: np.ndarray, method: str = "percentile") -> Ranges:
+def ranges_from_histograms(
+    spec: BinSpec, summed: np.ndarray, method: str = "percentile", noise_floor: float = 0.0
+) -> Ranges:
     """One ``(rmin, rmax)`` per tensor from the summed pass-2 (fine) histograms.
 
     Parameters
@@ -96,6 +99,10 @@ def ranges_from_histograms(spec: BinSpec, summed: np.ndarray, method: str = "per
         ``entropy`` (ORT's KL-divergence threshold) or ``minmax`` (the occupied
         bins' edges). Percentile and entropy run ORT's ``HistogramCollector`` on
         the histograms; its clamp to the observed min/max uses the occupied bins.
+    noise_floor
+        With DP noise on ``summed``: counts below it are dropped (e.g. 3 sigma), and
+        a tensor left with none gets its whole pass-2 range ``[lo, hi]`` (the
+        pass-1 bound), instead of ranges drawn from noise.
 
     Returns
     -------
@@ -116,6 +123,12 @@ def ranges_from_histograms(spec: BinSpec, summed: np.ndarray, method: str = "per
     ranges: Ranges = {}
     for t in spec.tensors:
         counts = np.clip(per_tensor[t.name], 0, None).astype(np.int64)
+        if noise_floor > 0:
+            counts[counts < noise_floor] = 0
+            if counts.sum() == 0:
+                log.info("%s: all pass-2 counts under the noise floor", t.name)
+                ranges[t.name] = (t.lo, t.hi)
+                continue
         if counts.sum() == 0:
             raise DataError(f"no pass-2 counts for tensor {t.name[:80]!r}")
         low, high = _occupied_range(t.lo, t.hi, counts)
@@ -171,15 +184,24 @@ def _ort_thresholds(histograms: dict[str, tuple[Any, ...]], method: str) -> dict
 
 
 def federated_ranges(
-    model: bytes, fmt: str, spec: BinSpec, sum_at_sites: SumAtSites, method: str = "percentile"
+    model: bytes,
+    fmt: str,
+    spec: BinSpec,
+    sum_at_sites: SumAtSites,
+    method: str = "percentile",
+    noise_multiplier: float = 0.0,
 ) -> Ranges:
     """Both passes through ``sum_at_sites``, then ``ranges_from_histograms``.
 
     ``spec`` is ``coarse_spec(model, fmt)``; ``model`` is what the sites run
-    (for ONNX, ``onnx_coarse_spec``'s bytes).
+    (for ONNX, ``onnx_coarse_spec``'s bytes). ``noise_multiplier`` says how much
+    DP noise ``sum_at_sites`` added (``gaussian_noise``): counts under 3 sigma
+    are then treated as empty.
     """
-    fine = refine_spec(spec, sum_at_sites(model, fmt, spec))
-    return ranges_from_histograms(fine, sum_at_sites(model, fmt, fine), method)
+    floor = 3 * noise_sigma(spec, noise_multiplier)
+    fine = refine_spec(spec, sum_at_sites(model, fmt, spec), noise_floor=floor)
+    floor = 3 * noise_sigma(fine, noise_multiplier)
+    return ranges_from_histograms(fine, sum_at_sites(model, fmt, fine), method, floor)
 
 
 def federated_static_quantizer(
