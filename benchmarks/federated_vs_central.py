@@ -215,7 +215,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["full", "head", "lora"])
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--pretrain-epochs", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=1)
     # 0.05 made the pooled LoRA baseline diverge (12 % after 2 epochs); 0.02 trains every mode.
     parser.add_argument("--lr", type=float, default=0.02)
