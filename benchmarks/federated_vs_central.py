@@ -221,7 +221,18 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--lora-rank", type=int, default=4)
     parser.add_argument("--json", type=Path, help="Also write the rows to this file.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads here (baselines, server evaluation); Ray's workers use one each.",
+    )
     args = parser.parse_args()
+    import torch
+
+    # A tiny model on a shared machine: two OpenMP threads spinning against other processes
+    # made the baselines 8x slower than one (fedge.demo.baselines).
+    torch.set_num_threads(args.threads)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     scale = args.sites > MAX_PARTITIONS
     rows: list[dict[str, Any]] = []
