@@ -301,7 +301,7 @@ def _print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     )
     head = (
         f"{'alpha':>5} {'strategy':<8} {'mode':<5} {'fed':>6} {'central':>7} {'local':>6} "
-        f"{'fed/central':>11} {'fed/local':>9} {'KB up/round':>11} {'s/round':>7} {'peak GB':>7}"
+        f"{'fed/central':>11} {'fed/local':>9} {'KiB up/round':>12} {'s/round':>7} {'peak GB':>7}"
     )
     print(head)
     for r in rows:
@@ -312,7 +312,7 @@ def _print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         print(
             f"{r['alpha']:>5g} {r['strategy']:<8} {r['mode']:<5} {100 * r['federated']:5.1f}% "
             f"{central} {local} {vs_central} {vs_local} "
-            f"{r['bytes_up_per_site_round'] / 1024:11.1f} {r['seconds_per_round']:7.1f} "
+            f"{r['bytes_up_per_site_round'] / 1024:12.1f} {r['seconds_per_round']:7.1f} "
             f"{r['peak_rss_gb']:7.2f}"
         )
 
