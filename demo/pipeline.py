@@ -5,7 +5,9 @@
    loopback, each enrolled with its own key and holding a non-IID Dirichlet
    partition of the data.
 3. Fine-tune federatedly with SecAgg+ and record-level DP (``--no-privacy``:
-   the plain path), printing accuracy and epsilon after every round.
+   the plain path), printing accuracy and epsilon after every round; then train
+   each site alone and all data pooled for the same budget, and print the
+   federated accuracy beside them (``fedge.demo.baselines``).
 4. Export and quantize; calibrate static int8 and validate every artifact at the
    sites (``fedge export --federated``: the sites' data decides what is signed; the
    coordinator's public split only prints what central data would have said); sign a
@@ -104,6 +106,33 @@ def pretrain(out_path: Path, console: Console) -> float:
     return accuracy
 
 
+def demo_site_specs(clients: int) -> list[str]:
+    """The data each demo site holds: a Dirichlet partition of digits' train pool."""
+    return [f"digits#{i}/{clients}" for i in range(clients)]
+
+
+def _baselines(
+    cfg: RunConfig, options: DemoOptions, summary: dict[str, Any], console: Console
+) -> dict[str, Any]:
+    """Step 3b: each site alone and the pooled data, for the same budget (no Flower)."""
+    from fedge.demo.baselines import centralized_vs_local, render_baselines
+
+    console.rule("[bold]3b. was it worth it? each site alone, and all data pooled")
+    names = [f"site-{i + 1}" for i in range(options.clients)]  # LocalFederation's names
+    sites = dict(zip(names, demo_site_specs(options.clients), strict=True))
+    result = centralized_vs_local(cfg, sites, threads=1)  # a tiny CNN: one thread is faster
+    federated = summary.get("final_accuracy")
+    lines = render_baselines(
+        result, federated, summary["pretrained_accuracy"], private=options.privacy
+    )
+    console.print("\n".join(lines), highlight=False)
+    return {
+        "local_only_accuracy": result.local_only,
+        "centralized_accuracy": result.centralized,
+        "baseline_epochs": result.epochs,
+    }
+
+
 def _fresh_workspace(out: Path) -> None:
     """Clear a previous demo in ``out``; refuse to touch a folder that is not one."""
     if out.exists() and any(out.iterdir()):
@@ -135,6 +164,7 @@ def run_demo(options: DemoOptions, console: Console) -> dict[str, Any]:
             privacy=run_summary.get("privacy"),
             run_dir=cfg.run_dir,
         )
+        summary.update(_baselines(cfg, options, summary, console))
         summary.update(_edge(out, Path(cfg.run_dir), federation, console))
     summary["seconds"] = round(time.monotonic() - started, 1)
     from fedge.server.report.render import write_report
@@ -144,7 +174,9 @@ def run_demo(options: DemoOptions, console: Console) -> dict[str, Any]:
     console.rule("[bold]done")
     console.print(
         f"pretrained {100 * pretrained_accuracy:.1f}% -> federated "
-        f"{100 * float(summary['final_accuracy'] or 0):.1f}% in {summary['seconds']}s; "
+        f"{100 * float(summary['final_accuracy'] or 0):.1f}% (best site alone "
+        f"{100 * max(summary['local_only_accuracy'].values()):.1f}%, centralised "
+        f"{100 * summary['centralized_accuracy']:.1f}%) in {summary['seconds']}s; "
         f"summary: {out / 'summary.json'}"
     )
     console.print(f"report: {Path(summary['report']).as_uri()}")
@@ -160,7 +192,7 @@ def _federate(
 
     mode = "TLS + enrolled sites" if options.privacy else "plaintext (--no-privacy)"
     console.rule(f"[bold]2. start a SuperLink and {options.clients} SuperNodes ({mode})")
-    specs = [f"digits#{i}/{options.clients}" for i in range(options.clients)]
+    specs = demo_site_specs(options.clients)
     federation = LocalFederation(options.out, specs, group, secure=options.privacy).start()
     for name, spec in zip(federation.site_names, specs, strict=True):
         console.print(f"  {name}: data {spec} (Dirichlet partition, alpha 0.5)")

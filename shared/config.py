@@ -61,9 +61,10 @@ class RunConfig:
     init_weights: str = ""
     mode: str = "full"
     # LoRA (mode "lora"): adapter rank, scale alpha, dropout, and the module names to adapt
-    # (comma-separated; empty: every Linear and Conv2d of the backbone).
-    lora_rank: int = 8
-    lora_alpha: int = 16
+    # (comma-separated; empty: every Linear and Conv2d of the backbone). Rank 4 keeps the
+    # bytes per round under 5 % of full mode on mobilenet_v3_small (4.3 %; rank 8: 7.9 %).
+    lora_rank: int = 4
+    lora_alpha: int = 8
     lora_dropout: float = 0.0
     lora_targets: str = ""
     strategy: str = "fedavg"

@@ -82,3 +82,18 @@ def test_merged_export_matches_the_peft_model(tmp_path: Path) -> None:
     got = session.run(None, {"input": x})[0]
     assert float(np.max(np.abs(got - expected))) < 1e-4
     assert isinstance(plain, nn.Module)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_default_lora_sends_at_most_5_percent_of_full_mode(name: str) -> None:
+    def exchanged_bytes(cfg: RunConfig) -> int:
+        model = build_run_model(cfg, task_for_run(cfg), load_weights=False)
+        state = model.state_dict()
+        return sum(
+            state[k].numel() * state[k].element_size() for k in exchanged_keys(model, cfg.mode)
+        )
+
+    lora = exchanged_bytes(RunConfig(model=name, mode="lora"))
+    full = exchanged_bytes(RunConfig(model=name, mode="full"))
+    # The target, with the default rank (measured: resnet18 1.33 %, mobilenet 4.31 %).
+    assert lora <= 0.05 * full
