@@ -198,6 +198,10 @@ def run_config(args: argparse.Namespace, weights: Path, strategy: str, mode: str
         num_rounds=args.rounds,
         local_epochs=args.local_epochs,
         lr=args.lr,
+        batch_size=args.batch_size,
+        momentum=args.momentum,
+        proximal_mu=args.proximal_mu,
+        server_lr=args.server_lr,
         lora_rank=args.lora_rank,
         lora_alpha=2 * args.lora_rank,
         min_clients=sampled,
@@ -219,6 +223,10 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=1)
     # 0.05 made the pooled LoRA baseline diverge (12 % after 2 epochs); 0.02 trains every mode.
     parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--batch-size", type=int, default=32, help="Sites and baselines alike.")
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's mu.")
+    parser.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's eta.")
     parser.add_argument("--lora-rank", type=int, default=4)
     parser.add_argument("--json", type=Path, help="Also write the rows to this file.")
     parser.add_argument(
@@ -297,7 +305,9 @@ def _print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     sampled = min(args.sampled or args.sites, args.sites)
     print(
         f"\n{args.sites} sites ({sampled} per round), {args.rounds} rounds x "
-        f"{args.local_epochs} local epoch(s), model {args.model}, lora rank {args.lora_rank}"
+        f"{args.local_epochs} local epoch(s), model {args.model}, lora rank {args.lora_rank}, "
+        f"lr {args.lr:g}, batch {args.batch_size}, momentum {args.momentum:g}, "
+        f"fedprox mu {args.proximal_mu:g}, fedadam eta {args.server_lr:g}"
     )
     head = (
         f"{'alpha':>5} {'strategy':<8} {'mode':<5} {'fed':>6} {'central':>7} {'local':>6} "

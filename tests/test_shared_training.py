@@ -85,6 +85,18 @@ def test_make_loader_shuffles_reproducibly() -> None:
     assert plain == list(range(10))
 
 
+def test_a_batchnorm_model_trains_on_a_site_with_one_example_past_a_full_batch() -> None:
+    # 9 examples in batches of 8 left a batch of one, which BatchNorm cannot train on.
+    x = np.random.default_rng(0).normal(size=(9, 4)).astype(np.float32)
+    y = np.arange(9) % 2
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    loader = make_loader(x, y, 8, shuffle=True)
+    assert [len(ys) for _, ys in loader] == [8]
+    train(model, loader, 1, lr=0.01, device=CPU)
+    assert [len(ys) for _, ys in make_loader(x, y, 8, shuffle=False)] == [8, 1]
+    assert [len(ys) for _, ys in make_loader(x[:2], y[:2], 8, shuffle=True)] == [2]
+
+
 def test_fedprox_keeps_weights_closer_to_the_start(digits: dict[str, np.ndarray]) -> None:
     def drift(mu: float) -> float:
         torch.manual_seed(1)

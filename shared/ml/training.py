@@ -30,10 +30,21 @@ class Metrics:
 def make_loader(
     x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0
 ) -> DataLoader[tuple[torch.Tensor, ...]]:
-    """A DataLoader over preprocessed float32 inputs and int64 labels."""
+    """A DataLoader over preprocessed float32 inputs and int64 labels.
+
+    A training loader (``shuffle``) drops a last batch of one example: BatchNorm cannot
+    train on it (torchvision's mobilenet_v3_small raised on a site holding 8k + 1 examples).
+    """
     dataset = TensorDataset(torch.from_numpy(np.asarray(x, np.float32)), torch.from_numpy(y))
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    lone_last = shuffle and len(dataset) > 1 and len(dataset) % batch_size == 1
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        drop_last=lone_last,
+    )
 
 
 def _add_proximal_gradient(anchors: Sequence[tuple[torch.Tensor, torch.Tensor]], mu: float) -> None:
