@@ -207,6 +207,8 @@ def run_config(args: argparse.Namespace, weights: Path, strategy: str, mode: str
         momentum=args.momentum,
         proximal_mu=args.proximal_mu,
         server_lr=args.server_lr,
+        server_momentum=args.server_momentum,
+        server_momentum_lr=args.server_momentum_lr,
         lora_rank=args.lora_rank,
         lora_alpha=2 * args.lora_rank,
         min_clients=sampled,
@@ -232,6 +234,10 @@ def main() -> None:
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's mu.")
     parser.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's eta.")
+    parser.add_argument("--server-momentum", type=float, default=0.9, help="FedAvgM's.")
+    parser.add_argument(
+        "--server-momentum-lr", type=float, default=1.0, help="FedAvgM's server lr."
+    )
     parser.add_argument("--lora-rank", type=int, default=4)
     parser.add_argument("--json", type=Path, help="Also write the rows to this file.")
     parser.add_argument(
@@ -312,7 +318,8 @@ def _print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f"\n{args.sites} sites ({sampled} per round), {args.rounds} rounds x "
         f"{args.local_epochs} local epoch(s), model {args.model}, lora rank {args.lora_rank}, "
         f"lr {args.lr:g}, batch {args.batch_size}, momentum {args.momentum:g}, "
-        f"fedprox mu {args.proximal_mu:g}, fedadam eta {args.server_lr:g}"
+        f"fedprox mu {args.proximal_mu:g}, fedadam eta {args.server_lr:g}, "
+        f"fedavgm momentum {args.server_momentum:g} lr {args.server_momentum_lr:g}"
     )
     head = (
         f"{'alpha':>5} {'strategy':<8} {'mode':<5} {'fed':>6} {'central':>7} {'local':>6} "

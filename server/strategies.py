@@ -1,8 +1,9 @@
 """Choose and configure one of Flower's strategies for a run.
 
-FedAvg, FedProx, FedAdam, and Flower's Byzantine-robust aggregators (FedMedian,
-FedTrimmedAvg, Krum, MultiKrum as Krum keeping several updates, Bulyan); the config
-refuses the robust ones with SecAgg+ and site-level DP (``RunConfig._robust_errors``).
+FedAvg, FedProx, FedAdam, FedAvgM (server momentum), and Flower's Byzantine-robust
+aggregators (FedMedian, FedTrimmedAvg, Krum, MultiKrum as Krum keeping several updates,
+Bulyan); the config refuses the robust ones with SecAgg+ and site-level DP
+(``RunConfig._robust_errors``), and FedAvgM with site-level DP (``_fedavgm_errors``).
 
 fedge runs every federation through Flower's legacy workflow (``LegacyContext``
 + ``DefaultWorkflow``) because SecAgg+ exists only there in flwr 1.42; using it
@@ -34,6 +35,7 @@ from flwr.server.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -145,6 +147,12 @@ def build_strategy(
         strategy = FedProx(proximal_mu=cfg.proximal_mu, **common)
     elif cfg.strategy == "fedadam":
         strategy = FedAdam(eta=cfg.server_lr, eta_l=cfg.lr, **common)
+    elif cfg.strategy == "fedavgm":
+        strategy = FedAvgM(
+            server_learning_rate=cfg.server_momentum_lr,
+            server_momentum=cfg.server_momentum,
+            **common,
+        )
     elif cfg.strategy in ROBUST:
         strategy = _robust_strategy(cfg, common)
     else:

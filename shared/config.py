@@ -21,7 +21,7 @@ from fedge.shared.model_names import check_model_name
 from fedge.shared.tasks import BUILTIN_TASKS, USER_TASKS
 
 MODES = ("full", "head", "lora")
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
 # Flower's Byzantine-robust aggregators: they need each site's update, not only the sum.
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 DP_LEVELS = ("none", "record", "site")
@@ -76,7 +76,10 @@ class RunConfig:
     min_clients: int = 2
     fraction_train: float = 1.0
     proximal_mu: float = 0.01
-    server_lr: float = 0.01
+    server_lr: float = 0.01  # FedAdam's eta
+    # FedAvgM: server momentum and the server's own learning rate (1.0: the averaged step).
+    server_momentum: float = 0.9
+    server_momentum_lr: float = 1.0
     # Robust strategies: how many sites may be Byzantine (Krum, MultiKrum, Bulyan), and the
     # fraction FedTrimmedAvg cuts from each end.
     byzantine_sites: int = 1
@@ -109,6 +112,7 @@ class RunConfig:
             known = ", ".join(STRATEGIES + ROBUST_STRATEGIES)
             errors.append(f"unknown strategy {self.strategy!r}; choose one of: {known}")
         errors.extend(self._robust_errors())
+        errors.extend(self._fedavgm_errors())
         if self.job not in JOBS:
             errors.append(f"unknown job {self.job!r}; choose one of: {', '.join(JOBS)}")
         if not 0 <= self.privacy.count_noise_multiplier <= 1e6:
@@ -135,6 +139,24 @@ class RunConfig:
         if errors:
             # Validators collect every failure, then raise once.
             raise ConfigError("; ".join(errors))
+
+    def _fedavgm_errors(self) -> list[str]:
+        """FedAvgM's settings; it composes with SecAgg+ and DP-SGD on sites, not site DP."""
+        errors = []
+        if not 0 <= self.server_momentum < 1:
+            errors.append("server-momentum must be in [0, 1)")
+        if self.server_momentum_lr <= 0:
+            errors.append("server-momentum-lr must be positive")
+        if self.strategy == "fedavgm" and self.privacy.dp == "site":
+            # Flower's site-DP wrapper noises FedAvgM's output, but the momentum buffer keeps
+            # every earlier round's noise-free mean: each round re-releases them, so one
+            # site's sensitivity grows to about C/(m*(1-momentum)) and the epsilon would not hold.
+            errors.append(
+                "strategy 'fedavgm' cannot run with site-level DP: its momentum re-releases "
+                "earlier rounds' noise-free means and the stated epsilon would not hold; use "
+                "dp = 'record' (DP-SGD on each site)"
+            )
+        return errors
 
     def _robust_errors(self) -> list[str]:
         """Robust aggregation composes with DP-SGD on sites; not with SecAgg+ or site DP."""
