@@ -3,7 +3,8 @@
 FedAvg, FedProx, FedAdam, FedAvgM (server momentum), and Flower's Byzantine-robust
 aggregators (FedMedian, FedTrimmedAvg, Krum, MultiKrum as Krum keeping several updates,
 Bulyan); the config refuses the robust ones with SecAgg+ and site-level DP
-(``RunConfig._robust_errors``), and FedAvgM with site-level DP (``_fedavgm_errors``).
+(``RunConfig._robust_errors``), and FedAvgM and FedAdam, whose server state holds
+noise-free means, with site-level DP (``RunConfig._server_optimizer_errors``).
 
 fedge runs every federation through Flower's legacy workflow (``LegacyContext``
 + ``DefaultWorkflow``) because SecAgg+ exists only there in flwr 1.42; using it

@@ -112,7 +112,7 @@ class RunConfig:
             known = ", ".join(STRATEGIES + ROBUST_STRATEGIES)
             errors.append(f"unknown strategy {self.strategy!r}; choose one of: {known}")
         errors.extend(self._robust_errors())
-        errors.extend(self._fedavgm_errors())
+        errors.extend(self._server_optimizer_errors())
         if self.job not in JOBS:
             errors.append(f"unknown job {self.job!r}; choose one of: {', '.join(JOBS)}")
         if not 0 <= self.privacy.count_noise_multiplier <= 1e6:
@@ -140,21 +140,22 @@ class RunConfig:
             # Validators collect every failure, then raise once.
             raise ConfigError("; ".join(errors))
 
-    def _fedavgm_errors(self) -> list[str]:
-        """FedAvgM's settings; it composes with SecAgg+ and DP-SGD on sites, not site DP."""
+    def _server_optimizer_errors(self) -> list[str]:
+        """FedAvgM's settings; server optimizers compose with SecAgg+ and DP-SGD, not site DP."""
         errors = []
         if not 0 <= self.server_momentum < 1:
             errors.append("server-momentum must be in [0, 1)")
         if self.server_momentum_lr <= 0:
             errors.append("server-momentum-lr must be positive")
-        if self.strategy == "fedavgm" and self.privacy.dp == "site":
-            # Flower's site-DP wrapper noises FedAvgM's output, but the momentum buffer keeps
-            # every earlier round's noise-free mean: each round re-releases them, so one
-            # site's sensitivity grows to about C/(m*(1-momentum)) and the epsilon would not hold.
+        if self.strategy in ("fedavgm", "fedadam") and self.privacy.dp == "site":
+            # Flower's site-DP wrapper noises only the model the strategy returns; FedAvgM's
+            # momentum buffer and FedAdam's moments and weights keep every earlier round's
+            # noise-free mean, which later rounds re-release: one site's sensitivity exceeds
+            # the C/m the noise is sized for, and the stated epsilon would not hold.
             errors.append(
-                "strategy 'fedavgm' cannot run with site-level DP: its momentum re-releases "
-                "earlier rounds' noise-free means and the stated epsilon would not hold; use "
-                "dp = 'record' (DP-SGD on each site)"
+                f"strategy {self.strategy!r} cannot run with site-level DP: its server "
+                "optimizer state re-releases earlier rounds' noise-free means and the stated "
+                "epsilon would not hold; use dp = 'record' (DP-SGD on each site)"
             )
         return errors
 

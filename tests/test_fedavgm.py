@@ -42,8 +42,10 @@ def test_invalid_server_momentum_is_a_one_line_config_error(momentum: float) -> 
     assert "\n" not in str(err.value)
 
 
-def test_fedavgm_refuses_site_dp_and_composes_with_secagg_and_record_dp() -> None:
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam"])
+def test_server_optimizers_refuse_site_dp_compose_with_secagg_and_record_dp(strategy: str) -> None:
     with pytest.raises(ConfigError, match="cannot run with site-level DP"):
-        RunConfig(strategy="fedavgm", privacy=PrivacyConfig(dp="site"))
+        RunConfig(strategy=strategy, privacy=PrivacyConfig(dp="site"))
+    RunConfig(strategy=strategy, privacy=PrivacyConfig(dp="record", secagg=True))
     RunConfig(strategy="fedavgm", privacy=PrivacyConfig(dp="record", secagg=True))
     RunConfig(strategy="fedavg", privacy=PrivacyConfig(dp="site"))
