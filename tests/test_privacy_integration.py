@@ -66,6 +66,39 @@ def test_secagg_without_noise_equals_plain_fedavg(federation: LocalFederation, w
     assert plain["final_accuracy"] == pytest.approx(secure["final_accuracy"], abs=0.01)
 
 
+def test_lora_through_secagg_sends_only_adapters_and_head(
+    federation: LocalFederation, work: Path
+) -> None:
+    from fedge.shared.ml.data import task_for_run
+    from fedge.shared.ml.models import build_run_model, exchanged_keys
+
+    # LoRA adapts a pretrained backbone: 3 epochs on the public split (~62 % test accuracy).
+    backbone = _pretrained_backbone(work / "backbone.safetensors", epochs=3)
+    cfg = _config(work, "lora-secagg", 2, PrivacyConfig(**SECAGG)).replace(
+        mode="lora", lora_rank=2, lora_alpha=4, lr=0.02, init_weights=str(backbone)
+    )
+    summary = federation.submit(cfg)
+
+    assert summary["mode"] == "lora" and summary["privacy"]["secagg"]["enabled"]
+    assert summary["rounds"] == 2 and summary["failures"] == 0
+    # Measured in process with the same recipe: 0.62 -> 0.69 -> 0.82.
+    assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.05
+    # What each site sent is exactly the adapters and the head, a small share of the model.
+    lora = build_run_model(cfg, task_for_run(cfg), load_weights=False)
+    state = lora.state_dict()
+    adapters = sum(state[k].numel() * state[k].element_size() for k in exchanged_keys(lora, "lora"))
+    full = build_run_model(cfg.replace(mode="full"), task_for_run(cfg), load_weights=False)
+    full_bytes = sum(v.numel() * v.element_size() for v in full.state_dict().values())
+    assert all("lora_" in k or "modules_to_save" in k for k in exchanged_keys(lora, "lora"))
+    rows = read_jsonl(work / "lora-secagg" / "metrics.jsonl")
+    for row in rows:
+        assert len(row["clients"]) == 3
+        assert {c["bytes-up"] for c in row["clients"]} == {adapters}
+        assert row["bytes_up"] == 3 * adapters < 0.2 * 3 * full_bytes
+
+
+# The test below kills a site of the module's federation: it must stay the last one here
+# that needs all three sites (pytest runs a module's tests in file order).
 def test_secagg_with_site_dp_survives_a_site_killed_mid_round(
     federation: LocalFederation, work: Path
 ) -> None:
@@ -123,37 +156,6 @@ def test_secagg_with_site_dp_survives_a_site_killed_mid_round(
 def _tasks_started(log: Path) -> int:
     """How many ClientApp tasks (one per message) the site's warm executor has started."""
     return log.read_text(errors="replace").count(MARKER_FORKED) if log.exists() else 0
-
-
-def test_lora_through_secagg_sends_only_adapters_and_head(
-    federation: LocalFederation, work: Path
-) -> None:
-    from fedge.shared.ml.data import task_for_run
-    from fedge.shared.ml.models import build_run_model, exchanged_keys
-
-    # LoRA adapts a pretrained backbone: 3 epochs on the public split (~62 % test accuracy).
-    backbone = _pretrained_backbone(work / "backbone.safetensors", epochs=3)
-    cfg = _config(work, "lora-secagg", 2, PrivacyConfig(**SECAGG)).replace(
-        mode="lora", lora_rank=2, lora_alpha=4, lr=0.02, init_weights=str(backbone)
-    )
-    summary = federation.submit(cfg)
-
-    assert summary["mode"] == "lora" and summary["privacy"]["secagg"]["enabled"]
-    assert summary["rounds"] == 2 and summary["failures"] == 0
-    # Measured in process with the same recipe: 0.62 -> 0.69 -> 0.82.
-    assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.05
-    # What each site sent is exactly the adapters and the head, a small share of the model.
-    lora = build_run_model(cfg, task_for_run(cfg), load_weights=False)
-    state = lora.state_dict()
-    adapters = sum(state[k].numel() * state[k].element_size() for k in exchanged_keys(lora, "lora"))
-    full = build_run_model(cfg.replace(mode="full"), task_for_run(cfg), load_weights=False)
-    full_bytes = sum(v.numel() * v.element_size() for v in full.state_dict().values())
-    assert all("lora_" in k or "modules_to_save" in k for k in exchanged_keys(lora, "lora"))
-    rows = read_jsonl(work / "lora-secagg" / "metrics.jsonl")
-    for row in rows:
-        assert len(row["clients"]) == 3
-        assert {c["bytes-up"] for c in row["clients"]} == {adapters}
-        assert row["bytes_up"] == 3 * adapters < 0.2 * 3 * full_bytes
 
 
 def _pretrained_backbone(path: Path, epochs: int) -> Path:
