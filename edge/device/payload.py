@@ -66,6 +66,17 @@ class Parsed:
     return_logits: bool = False
 
 
+def parses_inline(content_type: str) -> bool:
+    """Whether a body of this type is cheap enough to parse on the event loop.
+
+    A raw float32 tensor is one vectorised pass over at most ``max_body_bytes``
+    (about 2 ms for 8 MiB), less than the hop to a worker thread costs for the
+    usual sizes. JSON, ``.npy`` headers, images and multipart bodies do per-item
+    work whose time a client controls, so they are parsed in a thread.
+    """
+    return content_type.split(";")[0].strip().lower() == TENSOR_TYPE
+
+
 def parse_body(body: bytes, content_type: str, task: TaskSpec, limits: Limits) -> Parsed:
     """Turn a request body into model inputs (blocking: call it in a worker thread).
 

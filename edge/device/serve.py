@@ -32,7 +32,7 @@ from starlette.routing import Route
 from fedge.edge.device.batching import MicroBatcher
 from fedge.edge.device.metrics import ServeMetrics
 from fedge.edge.device.openapi import openapi_schema
-from fedge.edge.device.payload import BadRequest, Limits, parse_body
+from fedge.edge.device.payload import BadRequest, Limits, parse_body, parses_inline
 from fedge.edge.device.runtime import EdgeModel, softmax
 from fedge.edge.device.selection import (
     CHOICE_FILE,
@@ -174,12 +174,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadRequest(413, f"request body is {declared} bytes; the limit is {limit}")
-    body = bytearray()
+    chunks: list[bytes] = []
+    size = 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+        size += len(chunk)
+        if size > limit:
             raise BadRequest(413, f"request body is over the {limit}-byte limit")
-    return bytes(body)
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # one copy, not two
 
 
 def _run_model(model: EdgeModel, x: np.ndarray) -> np.ndarray:
@@ -253,8 +255,12 @@ def create_app(
             content_type = request.headers.get("content-type", "application/json")
             with batcher.arriving_request():
                 body = await _read_body(request, config.max_body_bytes)
-                # Parsing and decoding can take long: off the event loop, like inference.
-                parsed = await run_in_threadpool(parse_body, body, content_type, model.task, limits)
+                if parses_inline(content_type):  # cheaper than a hop to a thread
+                    parsed = parse_body(body, content_type, model.task, limits)
+                else:  # JSON, .npy, images can take long: off the event loop, like inference
+                    parsed = await run_in_threadpool(
+                        parse_body, body, content_type, model.task, limits
+                    )
             count = len(parsed.x)
             if config.batching and model.dynamic_batch and batcher.running():
                 logits = await batcher.submit(model, parsed.x)
