@@ -26,6 +26,7 @@ from fedge.edge.export.federated import (
     FederatedEvaluation,
     FederatedTarget,
     evaluate_artifacts,
+    one_export_at_a_time,
     site_histograms_sum,
 )
 from fedge.edge.export.federated_gate import gate, probe_inputs, probe_logits
@@ -192,7 +193,10 @@ def export_federated(
     plans, _ = plan_artifacts(formats, quantize, static_tflite=static_tflite)
     classes = len(task.classes)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.export-", dir=out_dir.parent) as tmp:
+    with (
+        one_export_at_a_time(source.run_dir),
+        tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.export-", dir=out_dir.parent) as tmp,
+    ):
         staged = Path(tmp) / out_dir.name
         with _progress(progress, len(plans) + 2, console) as step:
             say = console.print if console is not None else log.info
