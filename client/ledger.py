@@ -24,18 +24,19 @@ Composing all runs' events in one accountant is RDP composition, tighter than ad
 the per-run epsilons and still a valid upper bound.
 """
 
-import json
 import math
+import os
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fedge.shared.atomic import atomic_write_json, exclusive_lock
+from fedge.shared.atomic import atomic_write_json, exclusive_lock, read_json_object
 from fedge.shared.errors import SecurityError
 
 LEDGER_NAME = "privacy-ledger.json"
 LEDGER_FORMAT = "fedge-privacy-ledger/1"
+MAX_LEDGER_BYTES = 64 << 20  # about 300 bytes an entry: some 200 000 rounds
 
 
 KINDS = ("train", "evaluate")
@@ -107,14 +108,16 @@ def load_ledger(path: Path) -> list[LedgerEntry]:
         administrator restores it.
     """
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):  # a dangling symlink is not "no ledger yet"
         return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SecurityError(f"privacy ledger {path} is unreadable; restore it") from e
-    if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
-        raise SecurityError(f"{path} is not a fedge privacy ledger")
+    data = read_json_object(
+        path,
+        MAX_LEDGER_BYTES,
+        SecurityError,
+        "fedge privacy ledger",
+        fmt=LEDGER_FORMAT,
+        hint="restore the privacy ledger from a backup; the site refuses to train until then",
+    )
     entries = data.get("entries")
     if not isinstance(entries, list):
         raise SecurityError(f"{path} is malformed: 'entries' is not a list")

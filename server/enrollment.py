@@ -10,6 +10,7 @@ README.md, "Security: TLS and site enrollment" for the whole flow.
 import datetime
 import json
 import logging
+import os
 import tempfile
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedge.server.flwr_control import parse_time, remote_nodes, run_flwr
-from fedge.shared.atomic import atomic_write_json, exclusive_lock
+from fedge.shared.atomic import atomic_write_json, exclusive_lock, read_json_object
 from fedge.shared.enrollment_files import (
     APPROVAL_SUFFIX,
     Approval,
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 REGISTRY_NAME = "sites.json"
 REGISTRY_FORMAT = "fedge-site-registry/1"
+MAX_REGISTRY_BYTES = 16 << 20  # about 1 KiB a site
 
 APPROVED, REVOKED = "approved", "revoked"
 
@@ -79,14 +81,16 @@ def _locked(data_dir: Path) -> AbstractContextManager[None]:
 
 def _load_registry(data_dir: Path) -> list[dict[str, Any]]:
     path = data_dir / REGISTRY_NAME
-    if not path.exists():
+    if not os.path.lexists(path):
         return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SecurityError(f"site registry {path} is corrupt; restore it from a backup") from e
-    if not isinstance(data, dict) or data.get("format") != REGISTRY_FORMAT:
-        raise SecurityError(f"{path} is not a fedge site registry")
+    data = read_json_object(
+        path,
+        MAX_REGISTRY_BYTES,
+        SecurityError,
+        "fedge site registry",
+        fmt=REGISTRY_FORMAT,
+        hint="restore the site registry from a backup",
+    )
     return list(data.get("sites", []))
 
 

@@ -15,7 +15,7 @@ stop, list and follow runs but not register, unregister or list nodes (see
 
 import hashlib
 import hmac
-import json
+import os
 import secrets
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedge.shared.access_files import validate_user_name
-from fedge.shared.atomic import atomic_write_json, exclusive_lock
+from fedge.shared.atomic import atomic_write_json, exclusive_lock, read_json_object
 from fedge.shared.enrollment_files import utc_now
 from fedge.shared.errors import ConfigError, SecurityError
 
@@ -48,6 +48,7 @@ ROLES = ("operator", "scientist")
 TOKEN_PREFIX = "fedge_"
 # Upper bound on a presented token: anything longer is refused before hashing.
 MAX_TOKEN_CHARS = 256
+MAX_OPERATORS_BYTES = 16 << 20  # about 200 bytes a user
 
 
 @dataclass(frozen=True)
@@ -95,14 +96,11 @@ def _locked(data_dir: Path) -> AbstractContextManager[None]:
 
 def _load(data_dir: Path) -> list[dict[str, Any]]:
     path = Path(data_dir) / OPERATORS_NAME
-    if not path.exists():
+    if not os.path.lexists(path):
         return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SecurityError(f"credential file {path} is unreadable or corrupt") from e
-    if not isinstance(data, dict) or data.get("format") != OPERATORS_FORMAT:
-        raise SecurityError(f"{path} is not a fedge credential file")
+    data = read_json_object(
+        path, MAX_OPERATORS_BYTES, SecurityError, "fedge credential file", fmt=OPERATORS_FORMAT
+    )
     users = data.get("users", [])
     if not isinstance(users, list):
         raise SecurityError(f"{path} is malformed: 'users' is not a list")

@@ -11,7 +11,6 @@ fingerprint the operator read out before it stores anything.
 
 import base64
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedge.shared.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from fedge.shared.enrollment_files import (
+    read_exchange_file,
     same_fingerprint,
     utc_now,
     validate_server_address,
@@ -34,7 +34,6 @@ from fedge.shared.errors import ConfigError, SecurityError
 
 REQUEST_FORMAT = "fedge-access-request/1"
 ANSWER_FORMAT = "fedge-access-answer/1"
-MAX_FILE_BYTES = 64 << 10
 _INFO = b"fedge-access/1"
 _USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 # What ``fedge.server.operators.grant`` issues: "fedge_" + URL-safe base64 (no newline).
@@ -86,20 +85,6 @@ def key_fingerprint(raw_public_key: bytes) -> str:
     )
 
 
-def _read(path: Path, fmt: str, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{what} {path} does not exist")
-    if path.stat().st_size > MAX_FILE_BYTES:
-        raise SecurityError(f"{path} is too large to be a {what}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SecurityError(f"{path} is not a {what} (not JSON)") from e
-    if not isinstance(data, dict) or data.get("format") != fmt:
-        raise SecurityError(f"{path} is not a {what}")
-    return data
-
-
 def _b64(data: dict[str, Any], key: str, path: Path) -> bytes:
     value = data.get(key)
     try:
@@ -139,7 +124,7 @@ def create_access_request(name: str, server_address: str, folder: Path) -> Acces
 
 def read_access_request(path: Path) -> AccessRequest:
     """Read a request; its fingerprint is recomputed from the key, never trusted."""
-    data = _read(path, REQUEST_FORMAT, "access request")
+    data = read_exchange_file(path, "access request", REQUEST_FORMAT)
     public = _b64(data, "public_key", path)
     if len(public) != 32:
         raise SecurityError(f"{path}: the public key is not an X25519 key")
@@ -205,7 +190,7 @@ def install_access(
     """
     from fedge.shared.tls import certificate_fingerprint, load_ca_certificate
 
-    data = _read(answer_path, ANSWER_FORMAT, "access answer")
+    data = read_exchange_file(answer_path, "access answer", ANSWER_FORMAT)
     name = str(data.get("name", ""))
     validate_user_name(name)
     ca_pem = str(data.get("ca_certificate", "")).encode("ascii", errors="replace")

@@ -9,7 +9,6 @@ beside it. Every read checks names, symlinks and sizes: the folder is on the ser
 what is in it decides what every site is asked to run.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedge.shared import federated_counts as fc
-from fedge.shared.atomic import atomic_write_bytes, atomic_write_json
+from fedge.shared.atomic import atomic_write_bytes, atomic_write_json, read_json_object
 from fedge.shared.errors import ConfigError
 
 JOB_DIR = "federated-export"
@@ -82,7 +81,7 @@ def read_job(run_dir: Path | str) -> StagedJob:
             f"no federated export job is staged in {folder}",
             hint="artifact jobs are started by `fedge export RUN --federated`",
         )
-    data = _read_json(folder / JOB_FILE)
+    data = read_json_object(folder / JOB_FILE, MAX_JSON_BYTES, ConfigError, "artifact job file")
     try:
         job = fc.ArtifactJob.from_json(data["job"])
         names = data["files"]
@@ -118,21 +117,9 @@ def write_result(run_dir: Path | str, result: dict[str, Any]) -> Path:
 
 def read_result(run_dir: Path | str) -> dict[str, Any]:
     """The result the ServerApp wrote for the staged job."""
-    return _read_json(job_dir(run_dir) / RESULT_FILE, MAX_RESULT_BYTES)
-
-
-def _read_json(path: Path, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
-    if path.is_symlink() or not path.is_file():
-        raise ConfigError(f"{path} is missing")
-    if path.stat().st_size > limit:
-        raise ConfigError(f"{path} is over {limit} bytes")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} is not a JSON object")
-    return data
+    return read_json_object(
+        job_dir(run_dir) / RESULT_FILE, MAX_RESULT_BYTES, ConfigError, "artifact job result"
+    )
 
 
 def _check_name(name: str) -> None:

@@ -1,9 +1,10 @@
-"""Atomic file writes: a file that matters is either the old one or the new one.
+"""Atomic file writes, and bounded reads: a file that matters is either the old one or the new one.
 
 Checkpoints, bundles, registries and keys go through here. The data is written
 to a temporary file in the same directory, flushed to disk, then renamed over
 the target (``os.replace`` is atomic on POSIX), and the directory is synced so
-the rename itself survives a power cut.
+the rename itself survives a power cut. Reading such a file back goes through
+``read_json_object``, which bounds its size and refuses anything but a JSON object.
 """
 
 import fcntl
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from fedge.shared.errors import FedgeError
 
 
 def fsync_dir(directory: Path) -> None:
@@ -103,6 +106,68 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def read_json_object(
+    path: Path | str,
+    limit: int,
+    error: type[FedgeError],
+    what: str,
+    *,
+    fmt: str | None = None,
+    missing: type[FedgeError] | None = None,
+    hint: str | None = None,
+) -> dict[str, Any]:
+    """The JSON object in the regular file ``path``, read with a size bound.
+
+    These files may have been put there by someone else (a job folder, an answer file, a
+    ledger restored from a backup): a symlink could send the reader elsewhere and a huge
+    file could exhaust memory, so both are refused before anything is parsed, and at most
+    ``limit + 1`` bytes are ever read (the file may grow after a size check).
+
+    Parameters
+    ----------
+    path
+        The file.
+    limit
+        The most bytes it may have.
+    error
+        The ``FedgeError`` subclass raised for every refusal (the caller's).
+    what
+        What the file is, for the messages (``"privacy ledger"``).
+    fmt
+        When given, the object's ``"format"`` field must equal it.
+    missing
+        The class raised when the file is absent or not a regular file (default ``error``):
+        a wrong path is a user's mistake where a bad file may be an attack.
+    hint
+        The hint of the error (default: that of ``error``'s exit code).
+
+    Raises
+    ------
+    FedgeError
+        ``error`` (or ``missing``) when the file is absent, a symlink, not a regular file,
+        over ``limit`` bytes, unreadable, not UTF-8 JSON, not an object or of another format.
+    """
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        raise (missing or error)(f"{what} {path} does not exist or is not a regular file", hint)
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(limit + 1)
+    except OSError as e:
+        raise error(f"{what} {path} is unreadable ({e.strerror})", hint) from e
+    if len(raw) > limit:
+        raise error(f"{what} {path} is over {limit} bytes", hint)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{what} {path} is not JSON (or not UTF-8)", hint) from e
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} is not a JSON object", hint)
+    if fmt is not None and data.get("format") != fmt:
+        raise error(f"{path} is not a {what} (expected format {fmt!r})", hint)
+    return data
 
 
 @contextmanager

@@ -10,7 +10,6 @@ fingerprint read out by the other: the operator the site key's, the site the CA'
 import base64
 import datetime
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedge.shared.atomic import read_json_object
 from fedge.shared.errors import ConfigError, SecurityError
 from fedge.shared.processes import split_address
 
@@ -27,6 +27,7 @@ REQUEST_FORMAT = "fedge-enrollment-request/1"
 APPROVAL_FORMAT = "fedge-enrollment-approval/1"
 REQUEST_SUFFIX = ".enroll.json"
 APPROVAL_SUFFIX = ".approved.json"
+MAX_FILE_BYTES = 64 << 10  # a request or an approval (with its CA certificate) is a few KiB
 
 # Site names become folder and file names on both sides: no dots, slashes or spaces.
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -159,16 +160,15 @@ class Approval:
         }
 
 
-def _read_json(path: Path, what: str, expected_format: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{what} {path} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SecurityError(f"{path} is not a valid {what} (not JSON)") from e
-    if not isinstance(data, dict) or data.get("format") != expected_format:
-        raise SecurityError(f"{path} is not a {what} (expected format {expected_format!r})")
-    return data
+def read_exchange_file(path: Path, what: str, expected_format: str) -> dict[str, Any]:
+    """A request or answer file from another party (enrollment, access), bounded and checked.
+
+    A wrong path is the user's mistake (``ConfigError``); a file that is too big, not JSON
+    or of another format may be tampered with (``SecurityError``).
+    """
+    return read_json_object(
+        path, MAX_FILE_BYTES, SecurityError, what, fmt=expected_format, missing=ConfigError
+    )
 
 
 def _field(data: dict[str, Any], key: str, path: Path, kind: type = str) -> Any:
@@ -191,7 +191,7 @@ def read_request(path: Path | str) -> EnrollmentRequest:
         When it is malformed, or its key or fingerprint does not check out.
     """
     path = Path(path)
-    data = _read_json(path, "enrollment request", REQUEST_FORMAT)
+    data = read_exchange_file(path, "enrollment request", REQUEST_FORMAT)
     site = validate_site_name(_field(data, "site", path))
     public_key = _field(data, "public_key", path)
     fingerprint = public_key_fingerprint(public_key)
@@ -220,7 +220,7 @@ def read_approval(path: Path | str) -> Approval:
     from fedge.shared.tls import certificate_fingerprint, load_ca_certificate
 
     path = Path(path)
-    data = _read_json(path, "enrollment approval", APPROVAL_FORMAT)
+    data = read_exchange_file(path, "enrollment approval", APPROVAL_FORMAT)
     ca_pem = _field(data, "ca_certificate", path)
     if not ca_pem.isascii():
         raise SecurityError(f"{path} is malformed: the CA certificate is not PEM text")
