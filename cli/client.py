@@ -6,6 +6,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from fedge.cli.options import Insecure
+
 app = typer.Typer(help="Enroll a data-holding site and run its SuperNode.")
 
 
@@ -59,7 +61,7 @@ def start(
     config: Annotated[
         Path | None, typer.Option(help="A run config to check the data against before joining.")
     ] = None,
-    insecure: Annotated[bool, typer.Option(help="For a server started with --insecure.")] = False,
+    insecure: Insecure = False,
     foreground: Annotated[bool, typer.Option(help="Stay attached (containers, systemd).")] = False,
     policy: Annotated[
         Path | None, typer.Option(help="Privacy policy (TOML); default: the site's policy.toml.")

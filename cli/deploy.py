@@ -13,15 +13,9 @@ from typing import Annotated
 import typer
 
 from fedge.cli.edge import trusted_key_or_default as _trusted_key
+from fedge.cli.options import TrustedKey
 
 log = logging.getLogger(__name__)
-
-KeyOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--key", help="Public key this device trusts [default: FEDGE_HOME/keys/signing.pub]."
-    ),
-]
 
 
 def read_token(token: str | None, token_file: Path | None) -> str:
@@ -59,7 +53,7 @@ def agent(
         typer.Option(envvar="FEDGE_DEVICE_TOKEN", help="Device token (prefer --token-file)."),
     ] = None,
     token_file: Annotated[Path | None, typer.Option(help="File holding the device token.")] = None,
-    key: KeyOpt = None,
+    key: TrustedKey = None,
     ca: Annotated[Path | None, typer.Option(help="CA certificate to trust for the server.")] = None,
     interval: Annotated[float, typer.Option(min=0.05, help="Seconds between polls.")] = 10.0,
     once: Annotated[bool, typer.Option("--once", help="Poll once and exit.")] = False,
@@ -145,7 +139,7 @@ def serve(
     ] = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8080,
-    key: KeyOpt = None,
+    key: TrustedKey = None,
     format: Annotated[str | None, typer.Option(help="Artifact format: onnx or tflite.")] = None,
     precision: Annotated[str | None, typer.Option(help="Artifact precision: fp32 or int8.")] = None,
     max_body_mb: Annotated[float, typer.Option(min=0.01, help="Largest request body.")] = 8.0,

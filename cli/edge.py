@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from fedge.cli.options import TrustedKey
+
 app = typer.Typer(
     help="Run models on an edge device (no torch needed).",
     no_args_is_help=True,
@@ -30,12 +32,6 @@ class Precision(StrEnum):
 
 
 BundleArg = Annotated[Path, typer.Argument(help="Bundle directory.")]
-KeyOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--key", help="Public key this device trusts (default: $FEDGE_HOME/keys/signing.pub)."
-    ),
-]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
@@ -52,7 +48,7 @@ def predict(
     inputs: Annotated[
         list[Path], typer.Argument(help="Image files, CSV files, .npy files or folders.")
     ],
-    key: KeyOpt = None,
+    key: TrustedKey = None,
     format: Annotated[Format | None, typer.Option(help="Artifact format to run.")] = None,
     precision: Annotated[Precision | None, typer.Option(help="Artifact precision.")] = None,
     preprocessed: Annotated[
@@ -96,7 +92,7 @@ def predict(
 @app.command()
 def bench(
     bundle: BundleArg,
-    key: KeyOpt = None,
+    key: TrustedKey = None,
     iterations: Annotated[int, typer.Option(min=1, help="Timed runs at batch 1.")] = 100,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs first.")] = 10,
     batch: Annotated[int, typer.Option(min=1, help="Batch size for throughput.")] = 32,

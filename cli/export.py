@@ -15,6 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
+from fedge.cli.options import Insecure, ServerCa, SuperLink, TokenFile
+
 keys_app = typer.Typer(
     help="The Ed25519 key that signs model bundles (devices trust its public half).",
     no_args_is_help=True,
@@ -69,19 +71,10 @@ def export(
             "built-in data and no --eval-data/--calibration is given), or on central data.",
         ),
     ] = None,
-    server: Annotated[
-        str, typer.Option(help="--federated: the SuperLink, HOST:PORT.")
-    ] = "127.0.0.1:9092",
-    ca: Annotated[
-        Path | None, typer.Option(help="--federated: CA certificate of the server (TLS).")
-    ] = None,
-    insecure: Annotated[
-        bool, typer.Option(help="--federated: connect without TLS (server started --insecure).")
-    ] = False,
-    token_file: Annotated[
-        Path | None,
-        typer.Option(help="--federated: your control credential; or $FEDGE_TOKEN."),
-    ] = None,
+    server: SuperLink = "127.0.0.1:9092",
+    ca: ServerCa = None,
+    insecure: Insecure = False,
+    token_file: TokenFile = None,
     count_noise: Annotated[
         float,
         typer.Option(
@@ -264,7 +257,5 @@ def _show(private: Path, public: Path) -> None:
     fingerprint = public_key_fingerprint(load_public_key(public))
     typer.echo(f"public key: {public}")
     typer.echo(f"fingerprint: {fingerprint}")
-    typer.echo(
-        "copy it onto each device as $FEDGE_HOME/keys/signing.pub (or pass `--key` there):"
-    )
+    typer.echo("copy it onto each device as $FEDGE_HOME/keys/signing.pub (or pass `--key` there):")
     typer.echo(public.read_text(encoding="utf-8").rstrip())

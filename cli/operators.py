@@ -5,9 +5,7 @@ from typing import Annotated
 
 import typer
 
-DataDir = Annotated[
-    Path | None, typer.Option(help="Server state: database, TLS files, credentials.")
-]
+from fedge.cli.options import DataDir
 
 
 def _data_dir(data_dir: Path | None) -> Path:

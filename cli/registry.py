@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from fedge.cli.options import DataDir
+
 if TYPE_CHECKING:
     from fedge.server.registry.fleet import DeviceView
 
@@ -26,15 +28,6 @@ device_app = typer.Typer(
 )
 registry_app.add_typer(device_app, name="device")
 fleet_app = typer.Typer(help="What the enrolled edge devices report.", no_args_is_help=True)
-
-DataDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        help="Server state folder, as for `fedge server` [default: FEDGE_HOME/server]; "
-        "the registry is its registry/ subfolder.",
-    ),
-]
 
 
 SigningKey = Annotated[

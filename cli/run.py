@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from fedge.cli.options import Insecure, ServerCa, SuperLink, TokenFile
 from fedge.shared.errors import ConfigError
 
 
@@ -47,7 +48,7 @@ def run(
     config: Annotated[
         Path | None, typer.Option(help="Run config (TOML); see examples/run.toml.")
     ] = None,
-    server: Annotated[str, typer.Option(help="The SuperLink, HOST:PORT.")] = "127.0.0.1:9092",
+    server: SuperLink = "127.0.0.1:9092",
     out: Annotated[
         Path | None,
         typer.Option(
@@ -60,14 +61,9 @@ def run(
         typer.Option(help="Continue the run in this directory from its last checkpoint."),
     ] = None,
     rounds: Annotated[int | None, typer.Option(help="Override num-rounds.")] = None,
-    ca: Annotated[Path | None, typer.Option(help="CA certificate of the server (TLS).")] = None,
-    insecure: Annotated[
-        bool, typer.Option(help="Connect without TLS (server started --insecure).")
-    ] = False,
-    token_file: Annotated[
-        Path | None,
-        typer.Option(help="Your control credential (`fedge server grant`); or $FEDGE_TOKEN."),
-    ] = None,
+    ca: ServerCa = None,
+    insecure: Insecure = False,
+    token_file: TokenFile = None,
 ) -> None:
     """Submit a federated fine-tuning run to the server and stream its progress.
 

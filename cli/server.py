@@ -7,10 +7,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedge.cli.options import DataDir
+
 app = typer.Typer(help="Run the federation server (Flower SuperLink) and enroll sites.")
-DataDir = Annotated[
-    Path | None, typer.Option(help="Server state: database, TLS files, site registry.")
-]
 
 
 def _data_dir(data_dir: Path | None) -> Path:
