@@ -50,7 +50,7 @@ def create(
     input_shape: Annotated[str, typer.Option(help="One example: C,H,W (images) or F (features).")],
     version: Annotated[str, typer.Option(help="Bundle version, e.g. 1.0.0.")],
     out: Annotated[
-        Path | None, typer.Option(help="Bundle directory [default: MODEL-bundle].")
+        Path | None, typer.Option(help="Bundle directory (default: MODEL-bundle).")
     ] = None,
     preprocessing: Annotated[
         str, typer.Option(help="none, imagenet, or a JSON file of fedge preprocessing fields.")
@@ -58,9 +58,9 @@ def create(
     self_test: Annotated[
         Path | None, typer.Option(help="INPUTS.npy: preprocessed self-test inputs (n, ...).")
     ] = None,
-    task: Annotated[str | None, typer.Option(help="Task name [default: the model's name].")] = None,
+    task: Annotated[str | None, typer.Option(help="Task name (default: the model's name).")] = None,
     key: Annotated[
-        Path | None, typer.Option(help="Signing key [default: FEDGE_HOME/keys/signing.key].")
+        Path | None, typer.Option(help="Signing key (default: FEDGE_HOME/keys/signing.key).")
     ] = None,
     precision: Annotated[str, typer.Option(help="fp32 or int8 (what the model is).")] = "fp32",
     atol: Annotated[float | None, typer.Option(help="Self-test tolerance on devices.")] = None,

@@ -58,7 +58,7 @@ def agent(
     interval: Annotated[float, typer.Option(min=0.05, help="Seconds between polls.")] = 10.0,
     once: Annotated[bool, typer.Option("--once", help="Poll once and exit.")] = False,
     task: Annotated[
-        str | None, typer.Option(help="Task this device serves [default: the active bundle's].")
+        str | None, typer.Option(help="Task this device serves (default: the active bundle's).")
     ] = None,
     allow_task_change: Annotated[
         bool, typer.Option(help="Accept a bundle for another task than the one served.")
@@ -114,7 +114,7 @@ def agent(
 def agent_clear_refusal(
     dir: Annotated[Path, typer.Option("--dir", help="The agent's directory.")],
     version: Annotated[
-        str | None, typer.Argument(help="Version to try again [default: --all].")
+        str | None, typer.Argument(help="Version to try again (default: --all).")
     ] = None,
     all_: Annotated[bool, typer.Option("--all", help="Forget every refusal.")] = False,
 ) -> None:
@@ -145,7 +145,7 @@ def serve(
     max_body_mb: Annotated[float, typer.Option(min=0.01, help="Largest request body.")] = 8.0,
     threads: Annotated[
         int | None,
-        typer.Option(min=1, help="Runtime threads per worker [default: cores / workers]."),
+        typer.Option(min=1, help="Runtime threads per worker (default: cores / workers)."),
     ] = None,
     workers: Annotated[
         int, typer.Option(min=0, help="Worker processes; 0 = one per CPU core.")

@@ -34,7 +34,7 @@ SigningKey = Annotated[
     Path | None,
     typer.Option(
         "--signing-key",
-        help="Operator key that signs channel statements [default: FEDGE_HOME/keys/signing.key].",
+        help="Operator key that signs channel statements (default: FEDGE_HOME/keys/signing.key).",
     ),
 ]
 
@@ -52,7 +52,7 @@ def publish(
         str | None, typer.Option(help="Point this channel at it: canary, stable or any name.")
     ] = None,
     key: Annotated[
-        Path | None, typer.Option(help="Signing public key [default: FEDGE_HOME/keys/signing.pub].")
+        Path | None, typer.Option(help="Signing public key (default: FEDGE_HOME/keys/signing.pub).")
     ] = None,
     signing_key: SigningKey = None,
     data_dir: DataDir = None,
@@ -180,7 +180,7 @@ def device_add(
     ] = None,
     channel: Annotated[
         list[str] | None,
-        typer.Option("--channel", help="A channel it may follow (repeat) [default: stable]."),
+        typer.Option("--channel", help="A channel it may follow (repeat; default: stable)."),
     ] = None,
     data_dir: DataDir = None,
 ) -> None:

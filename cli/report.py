@@ -9,11 +9,11 @@ import typer
 def report(
     run_dir: Annotated[Path, typer.Argument(help="The run directory (`fedge run --out`).")],
     out: Annotated[
-        Path | None, typer.Option(help="Where to write the HTML [default: RUN_DIR/report.html].")
+        Path | None, typer.Option(help="Where to write the HTML (default: RUN_DIR/report.html).")
     ] = None,
     bundle: Annotated[
         Path | None,
-        typer.Option(help="The bundle exported from the run [default: RUN_DIR/../bundle if any]."),
+        typer.Option(help="The bundle exported from the run (default: RUN_DIR/../bundle if any)."),
     ] = None,
 ) -> None:
     """Write one HTML file with the run's plots, per-site table, privacy record and bundle.
