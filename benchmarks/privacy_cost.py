@@ -126,7 +126,9 @@ def run_simulated(base: RunConfig, work: Path, clients: int, sampled: int) -> di
     def client_fn(context: Any) -> Any:
         # The simulation engine has no run config of its own (and Flower forbids editing
         # the Context's): hand the site this run's config beside the node's own.
-        view = SimpleNamespace(run_config=flat, node_config=dict(context.node_config))
+        view = SimpleNamespace(
+            run_config=flat, node_config=dict(context.node_config), run_id=context.run_id
+        )
         return client_module.SiteClient(view).to_client()
 
     server = ServerApp()
