@@ -151,9 +151,12 @@ def create_enrollment(
         serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption(),
     )
-    public_line = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    ).decode("ascii") + f" fedge-site-{site_name}"
+    public_line = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode("ascii")
+        + f" fedge-site-{site_name}"
+    )
     if force:
         # The installed approval belongs to the old key; keep nothing that points at it.
         (folder / STATE_NAME).unlink(missing_ok=True)

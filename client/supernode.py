@@ -152,9 +152,7 @@ def _stop_when_executor_dies(executor: subprocess.Popen[bytes]) -> None:
 
     def wait() -> None:
         code = executor.wait()
-        log.error(
-            "fedge: the warm executor exited (code %s): stopping the SuperNode", code
-        )
+        log.error("fedge: the warm executor exited (code %s): stopping the SuperNode", code)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=wait, daemon=True, name="fedge-executor-reaper").start()

@@ -238,7 +238,11 @@ def _edge(out: Path, run_dir: Path, federation: Any, console: Console) -> dict[s
         try:
             # Static TFLite would add two more calibration jobs: the demo keeps it short.
             report = export_bundle(
-                run_dir, out / "bundle", signing_key=key, console=bar, federated=target,
+                run_dir,
+                out / "bundle",
+                signing_key=key,
+                console=bar,
+                federated=target,
                 static_tflite=False,
             )
         except ArtifactsFailed as e:

@@ -153,9 +153,7 @@ def is_running(proc: subprocess.Popen[bytes] | int) -> bool:
     return state != "Z"
 
 
-def stay_attached(
-    proc: subprocess.Popen[bytes], *companions: subprocess.Popen[bytes]
-) -> None:
+def stay_attached(proc: subprocess.Popen[bytes], *companions: subprocess.Popen[bytes]) -> None:
     """Block while ``proc`` runs (``--foreground``); stop it, its companions and their
     children on the way out.
 

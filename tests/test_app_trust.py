@@ -50,9 +50,9 @@ def test_foreign_app_packages_are_refused(tmp_path: Path) -> None:
     extra = tmp_path / "c"
     shutil.copytree(APP_DIR, extra)
     (extra / "pyproject.toml").write_text(
-        (extra / "pyproject.toml").read_text().replace(
-            'fab-include = ["pyproject.toml"]', 'fab-include = ["pyproject.toml", "x.py"]'
-        )
+        (extra / "pyproject.toml")
+        .read_text()
+        .replace('fab-include = ["pyproject.toml"]', 'fab-include = ["pyproject.toml", "x.py"]')
     )
     (extra / "x.py").write_text("import os\n")
     variants["extra file"] = extra

@@ -130,9 +130,7 @@ def _check(group: click.Command, words: list[str]) -> None:
     while isinstance(command, click.Group) and rest and not rest[0].startswith("-"):
         name = rest.pop(0)
         assert name in command.commands, f"`fedge {' '.join(words)}`: no command {name!r}" + (
-            " (wire it: fedge.cli.deploy.register(edge_app))"
-            if name in ("agent", "serve")
-            else ""
+            " (wire it: fedge.cli.deploy.register(edge_app))" if name in ("agent", "serve") else ""
         )
         command = command.commands[name]
     assert not isinstance(command, click.Group), f"`fedge {' '.join(words)}` names a group"

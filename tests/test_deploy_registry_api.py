@@ -212,8 +212,10 @@ def test_one_message_definition_serves_both_sides(api: Api) -> None:
         spec = anonymous.get("/openapi.json").json()
     body = spec["paths"][STATUS]["post"]["requestBody"]["content"]["application/json"]["schema"]
     shared = TypeAdapter(StatusReport).json_schema()
-    assert set(body["properties"]) == set(shared["properties"]) == set(
-        StatusReport.__dataclass_fields__
+    assert (
+        set(body["properties"])
+        == set(shared["properties"])
+        == set(StatusReport.__dataclass_fields__)
     )
     assert body["required"] == shared["required"]
     api.publish("v1", "stable")

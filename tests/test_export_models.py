@@ -87,9 +87,7 @@ def test_mobilenet_v3_small_exports_to_every_format(
     them at random: accuracy is not judged here (``max_accuracy_drop=100``);
     closeness to PyTorch is, for every artifact.
     """
-    run = make_run(
-        tmp_path / "mnv3", epochs=0, model="mobilenet_v3_small", image_size=32
-    )
+    run = make_run(tmp_path / "mnv3", epochs=0, model="mobilenet_v3_small", image_size=32)
     report = export_bundle(
         run, tmp_path / "bundle", signing_key=keys[0], progress=False, max_accuracy_drop=100.0
     )

@@ -181,9 +181,7 @@ def test_missing_signing_key_says_to_create_one(cnn_run_untrained: Path, tmp_pat
     assert not (tmp_path / "b").exists()
 
 
-def test_bad_choices_are_one_config_error(
-    cnn_run_untrained: Path, keys: tuple[Path, Path]
-) -> None:
+def test_bad_choices_are_one_config_error(cnn_run_untrained: Path, keys: tuple[Path, Path]) -> None:
     with pytest.raises(ConfigError, match=r"unknown format 'coreml'.*unknown quantization 'int4'"):
         export_bundle(
             cnn_run_untrained, Path("unused"), formats=("coreml",), quantize=("int4",),

@@ -252,9 +252,7 @@ def link(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Link]:
         yield Link(f"127.0.0.1:{port}", tls, root / "data", group, root)
 
 
-def _start_node(
-    link: Link, name: str, security: list[str]
-) -> tuple[subprocess.Popen[bytes], Path]:
+def _start_node(link: Link, name: str, security: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
     """A SuperNode with ``security`` flags that gives up after one failed connection."""
     command = [
         flower_tool("flower-supernode"),

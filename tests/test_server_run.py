@@ -171,9 +171,7 @@ def _events(out: str) -> list[dict[str, Any]]:
 def _fedavg(arrays: list[np.ndarray], sites: list[Site]) -> list[np.ndarray]:
     ok = [s for s in sites if not s.fails]
     total = sum(s.examples for s in ok)
-    return [
-        sum(s.examples * s.fit([a])[0].astype(np.float64) for s in ok) / total for a in arrays
-    ]
+    return [sum(s.examples * s.fit([a])[0].astype(np.float64) for s in ok) / total for a in arrays]
 
 
 def test_each_round_aggregates_checkpoints_evaluates_then_records(
@@ -452,7 +450,6 @@ def test_a_round_without_aggregate_fit_still_closes_with_a_checkpoint(tmp_path: 
     assert "secure aggregation halted" in rows[0]["failures"][0]
     assert "no site could be sampled" in rows[1]["failures"][0]
     assert load_checkpoint(round_path(tmp_path / "run", 2)).round == 2
-
 
 
 def test_site_level_epsilon_composes_every_rounds_own_sampling_rate(tmp_path: Path) -> None:

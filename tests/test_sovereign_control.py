@@ -115,9 +115,11 @@ def test_outsider_with_ca_cannot_control_the_federation(server: Server, tmp_path
     attempts = _control_attempts(_flwr_home(tmp_path, server, None), pub)
     for action, (ok, text) in attempts.items():
         assert not ok, f"outsider could {action}: {text[-400:]}"
-    assert stranger.fingerprint not in (server.data_dir / "sites.json").read_text(
-        errors="replace"
-    ) if (server.data_dir / "sites.json").exists() else True
+    assert (
+        stranger.fingerprint not in (server.data_dir / "sites.json").read_text(errors="replace")
+        if (server.data_dir / "sites.json").exists()
+        else True
+    )
     # A made-up token is no better than none.
     bogus = _flwr(_flwr_home(tmp_path / "b", server, "fedge_" + "A" * 43), "supernode", "list",
                   "target")  # fmt: skip

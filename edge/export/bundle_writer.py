@@ -74,9 +74,7 @@ def artifact_io(
 
     def spec(detail: Mapping[str, Any], layout: str | None) -> bundle.TensorSpec:
         shape = tuple(int(d) for d in detail.get("shape_signature", detail["shape"]))
-        return bundle.TensorSpec(
-            str(detail["name"]), shape, np.dtype(detail["dtype"]).name, layout
-        )
+        return bundle.TensorSpec(str(detail["name"]), shape, np.dtype(detail["dtype"]).name, layout)
 
     return spec(inp, layout_of(task)), spec(out, None)
 

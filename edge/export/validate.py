@@ -113,8 +113,11 @@ def compare_logits(
     logits = np.asarray(logits, np.float32)
     atol = tolerance(precision, reference_logits)
     facts: dict[str, Any] = {
-        "artifact": artifact, "format": format, "precision": precision,
-        "quantization": quantization, "size": size,
+        "artifact": artifact,
+        "format": format,
+        "precision": precision,
+        "quantization": quantization,
+        "size": size,
     }
     if logits.shape != reference_logits.shape or not np.all(np.isfinite(logits)):
         reason = (
@@ -136,9 +139,15 @@ def compare_logits(
     if precision == "fp32" and diff > atol:
         reasons.append(f"fp32 logits differ from PyTorch by {diff:.3g} > {atol:.3g}")
     return ValidationResult(
-        **facts, max_abs_diff=diff, top1_agreement=agreement, accuracy=accuracy,
-        reference_accuracy=reference, accuracy_drop_points=drop, atol=atol,
-        passed=not reasons, reason="; ".join(reasons),
+        **facts,
+        max_abs_diff=diff,
+        top1_agreement=agreement,
+        accuracy=accuracy,
+        reference_accuracy=reference,
+        accuracy_drop_points=drop,
+        atol=atol,
+        passed=not reasons,
+        reason="; ".join(reasons),
     )
 
 
@@ -155,10 +164,19 @@ def unrunnable(
     """The failed result of an artifact its runtime could not load or run."""
     reference = _accuracy(reference_logits, labels)
     return ValidationResult(
-        artifact=artifact, format=format, precision=precision, quantization=quantization,
-        size=size, max_abs_diff=None, top1_agreement=0.0, accuracy=0.0,
-        reference_accuracy=reference, accuracy_drop_points=round(reference * 100.0, 4),
-        atol=tolerance(precision, reference_logits), passed=False, reason=reason,
+        artifact=artifact,
+        format=format,
+        precision=precision,
+        quantization=quantization,
+        size=size,
+        max_abs_diff=None,
+        top1_agreement=0.0,
+        accuracy=0.0,
+        reference_accuracy=reference,
+        accuracy_drop_points=round(reference * 100.0, 4),
+        atol=tolerance(precision, reference_logits),
+        passed=False,
+        reason=reason,
     )
 
 

@@ -135,9 +135,11 @@ def default_source(bundle_dir: Path) -> Path:
     if bundle_dir.name.endswith("-bundle"):
         candidates.insert(0, parent / f"{bundle_dir.name[: -len('-bundle')]}.safetensors")
     for candidate in candidates:
-        if candidate.is_file() or (candidate / "model.safetensors").is_file() or (
-            candidate / "checkpoints"
-        ).is_dir():
+        if (
+            candidate.is_file()
+            or (candidate / "model.safetensors").is_file()
+            or (candidate / "checkpoints").is_dir()
+        ):
             return candidate
     raise ConfigError(
         f"cannot tell which model {bundle_dir} was exported from",
