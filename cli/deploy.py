@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from fedge.cli.edge import trusted_key_or_default as _trusted_key
 from fedge.cli.options import TrustedKey
+from fedge.cli.options import trusted_key_or_default as _trusted_key
 
 log = logging.getLogger(__name__)
 

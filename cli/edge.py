@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from fedge.cli.options import TrustedKey
+from fedge.cli.options import TrustedKey, trusted_key_or_default
 
 app = typer.Typer(
     help="Run models on an edge device (no torch needed).",
@@ -33,13 +33,6 @@ class Precision(StrEnum):
 
 BundleArg = Annotated[Path, typer.Argument(help="Bundle directory.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-def trusted_key_or_default(key: Path | None) -> Path:
-    """``--key`` as given, or the default key a device trusts (``signing.pub``)."""
-    from fedge.shared.paths import trusted_key_path
-
-    return key if key is not None else trusted_key_path()
 
 
 @app.command()

@@ -22,6 +22,10 @@ keys_app = typer.Typer(
     no_args_is_help=True,
 )
 
+EvalData = Annotated[
+    str | None,
+    typer.Option("--eval-data", help="Data spec to validate on (default: TASK:test)."),
+]
 KeyOption = Annotated[
     Path | None,
     typer.Option("--key", help="Private key path (default: $FEDGE_HOME/keys/signing.key)."),
@@ -42,10 +46,7 @@ def export(
         str | None,
         typer.Option(help="Data spec for static calibration (default: TASK:public)."),
     ] = None,
-    eval_data: Annotated[
-        str | None,
-        typer.Option("--eval-data", help="Data spec to validate on (default: TASK:test)."),
-    ] = None,
+    eval_data: EvalData = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Bundle directory (default: RUN_DIR/bundle)."),
@@ -132,10 +133,7 @@ def export(
 
 def validate(
     bundle_dir: Annotated[Path, typer.Argument(help="The bundle directory to validate.")],
-    eval_data: Annotated[
-        str | None,
-        typer.Option("--eval-data", help="Data spec to validate on (default: TASK:test)."),
-    ] = None,
+    eval_data: EvalData = None,
     model: Annotated[
         Path | None,
         typer.Option(

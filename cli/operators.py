@@ -6,12 +6,7 @@ from typing import Annotated
 import typer
 
 from fedge.cli.options import DataDir
-
-
-def _data_dir(data_dir: Path | None) -> Path:
-    from fedge.shared.paths import server_data_dir
-
-    return (data_dir or server_data_dir()).expanduser().resolve()
+from fedge.cli.options import data_dir_or_default as _data_dir
 
 
 def grant(

@@ -1,4 +1,4 @@
-"""Typer option aliases that several commands share, so that each option has one help text."""
+"""Typer options that several commands share (one help text each), and what they default to."""
 
 from pathlib import Path
 from typing import Annotated
@@ -40,3 +40,17 @@ TrustedKey = Annotated[
         "--key", help="Public key this device trusts (default: $FEDGE_HOME/keys/signing.pub)."
     ),
 ]
+
+
+def data_dir_or_default(data_dir: Path | None) -> Path:
+    """``--data-dir`` as given, or the default server folder; absolute."""
+    from fedge.shared.paths import server_data_dir
+
+    return (data_dir or server_data_dir()).expanduser().resolve()
+
+
+def trusted_key_or_default(key: Path | None) -> Path:
+    """``--key`` as given, or the default key a device trusts (``signing.pub``)."""
+    from fedge.shared.paths import trusted_key_path
+
+    return key if key is not None else trusted_key_path()

@@ -8,14 +8,9 @@ from rich.console import Console
 from rich.table import Table
 
 from fedge.cli.options import DataDir
+from fedge.cli.options import data_dir_or_default as _data_dir
 
 app = typer.Typer(help="Run the federation server (Flower SuperLink) and enroll sites.")
-
-
-def _data_dir(data_dir: Path | None) -> Path:
-    from fedge.shared.paths import server_data_dir
-
-    return (data_dir or server_data_dir()).expanduser().resolve()
 
 
 def _local_superlink(data_dir: Path) -> tuple[str, Path | None]:
