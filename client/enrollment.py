@@ -14,6 +14,7 @@ Files in ``site_dir(SITE)`` (folder mode 0700):
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +22,10 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedge.shared.atomic import atomic_write_bytes, atomic_write_json
+from fedge.shared.atomic import atomic_write_bytes, atomic_write_json, read_json_object
 from fedge.shared.enrollment_files import (
     APPROVAL_SUFFIX,
+    MAX_FILE_BYTES,
     REQUEST_SUFFIX,
     EnrollmentRequest,
     public_key_fingerprint,
@@ -178,13 +180,11 @@ def create_enrollment(
 
 def _read_state(folder: Path) -> dict[str, object]:
     path = folder / STATE_NAME
-    if not path.exists():
+    if not os.path.lexists(path):
         return {}
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SecurityError(f"{path} is corrupt; accept the approval file again") from e
-    return state if isinstance(state, dict) else {}
+    return read_json_object(
+        path, MAX_FILE_BYTES, SecurityError, "site state", hint="accept the approval file again"
+    )
 
 
 def load_site_identity(site_name: str, directory: Path | str | None = None) -> SiteIdentity:
