@@ -123,7 +123,7 @@ def read_json_object(
     These files may have been put there by someone else (a job folder, an answer file, a
     ledger restored from a backup): a symlink could send the reader elsewhere and a huge
     file could exhaust memory, so both are refused before anything is parsed, and at most
-    ``limit + 1`` bytes are ever read (the file may grow after a size check).
+    ``limit + 1`` bytes are ever read (the file may grow while it is read).
 
     Parameters
     ----------
@@ -154,10 +154,12 @@ def read_json_object(
         raise (missing or error)(f"{what} {path} does not exist or is not a regular file", hint)
     try:
         with open(path, "rb") as handle:
-            raw = handle.read(limit + 1)
+            # Read what the file holds, not ``limit`` bytes: Python allocates what it is asked.
+            size = os.fstat(handle.fileno()).st_size
+            raw = handle.read(min(size, limit) + 1)
     except OSError as e:
         raise error(f"{what} {path} is unreadable ({e.strerror})", hint) from e
-    if len(raw) > limit:
+    if size > limit or len(raw) > limit:
         raise error(f"{what} {path} is over {limit} bytes", hint)
     try:
         data = json.loads(raw.decode("utf-8"))
