@@ -116,6 +116,18 @@ def test_no_dp_rounds_are_infinite_and_a_corrupt_ledger_fails_closed(tmp_path: P
         guard.admit(RECORD, 2, 0.1, 1)
 
 
+def test_a_ledger_swapped_for_a_link_or_another_file_fails_closed(tmp_path: Path) -> None:
+    ledger = tmp_path / "privacy-ledger.json"
+    ledger.symlink_to(tmp_path / "gone.json")  # dangling: not "no ledger yet"
+    with pytest.raises(SecurityError, match="not a regular file"):
+        load_ledger(ledger)
+    ledger.unlink()
+    ledger.write_text(json.dumps({"format": "something-else", "entries": []}))
+    with pytest.raises(SecurityError, match="is not a fedge privacy ledger") as raised:
+        load_ledger(ledger)
+    assert "restore the privacy ledger" in raised.value.hint
+
+
 def test_guard_reads_the_site_node_config(tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text('require = ["record"]\n')
