@@ -88,6 +88,13 @@ def _fields(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _row(name: str, summary: dict[str, Any], seconds: float) -> dict[str, Any]:
+    # A run whose sites all failed still ends with the pretrained model's accuracy: that
+    # figure would say nothing about the privacy setting, so stop instead of printing it.
+    if summary.get("failures") or not summary.get("clients"):
+        raise SystemExit(
+            f"{name}: {summary.get('failures')} site failures, {summary.get('clients')} sites "
+            "trained; see the log above"
+        )
     return {
         "setting": name,
         "accuracy": summary.get("final_accuracy"),
