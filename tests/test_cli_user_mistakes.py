@@ -1,0 +1,72 @@
+"""A new user's mistakes on the command line: one line of error, a non-zero exit, no traceback.
+
+Each case was found by trying the documented commands with wrong paths or files; before its
+fix it ended in a Python traceback. ``main`` runs in process (no interpreter start per case).
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedge.cli import main
+from fedge.shared.errors import ExitCode
+
+
+def fedge(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple:
+    """Run ``fedge ARGS`` in process; return (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["fedge", *args])
+    with pytest.raises(SystemExit) as end:
+        main()
+    return end.value.code, capsys.readouterr().err
+
+
+def assert_one_line_error(err: str) -> None:
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("error: ") and all(line.startswith("hint: ") for line in lines[1:])
+
+
+def test_keys_create_where_a_file_blocks_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "afile").write_text("")
+    code, err = fedge(monkeypatch, capsys, "keys", "create", "--key", str(tmp_path / "afile/k.key"))
+    assert code == ExitCode.SECURITY
+    assert_one_line_error(err)
+    assert "cannot write the key pair" in err
+
+
+def test_keys_create_force_onto_a_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "keys").mkdir()
+    code, err = fedge(
+        monkeypatch, capsys, "keys", "create", "--key", str(tmp_path / "keys"), "--force"
+    )
+    assert code == ExitCode.SECURITY
+    assert_one_line_error(err)
+    assert "is a directory" in err
+    assert (tmp_path / "keys").is_dir()
+
+
+def test_access_request_into_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "afile").write_text("")
+    args = ("access", "request", "--name", "bob", "--server", "127.0.0.1:9", "--folder")
+    code, err = fedge(monkeypatch, capsys, *args, str(tmp_path / "afile"))
+    assert code == ExitCode.CONFIG
+    assert_one_line_error(err)
+    assert "cannot make the access folder" in err
+
+
+def test_run_config_with_a_privacy_value_instead_of_a_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "run.toml").write_text("privacy = 5\n")
+    args = ("run", "--config", str(tmp_path / "run.toml"), "--insecure", "--server", "127.0.0.1:9")
+    code, err = fedge(monkeypatch, capsys, *args)
+    assert code == ExitCode.CONFIG
+    assert_one_line_error(err)
+    assert "'privacy' must be a table" in err
