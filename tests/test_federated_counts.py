@@ -107,6 +107,7 @@ def test_job_refuses_what_a_coordinator_should_not_ask(changes: dict[str, object
         json.dumps({**json.loads(job().to_json()), "classes": "10"}),
         json.dumps({**json.loads(job().to_json()), "classes": True}),
         "x" * (2 * fc.MAX_SPEC_CHARS + 1),
+        "[" * 100_000 + "]" * 100_000,  # deeper than json's stack: was a RecursionError
     ],
 )
 def test_job_json_from_a_coordinator_is_checked(text: str) -> None:
