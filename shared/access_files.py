@@ -93,7 +93,7 @@ def _read(path: Path, fmt: str, what: str) -> dict[str, Any]:
         raise SecurityError(f"{path} is too large to be a {what}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise SecurityError(f"{path} is not a {what} (not JSON)") from e
     if not isinstance(data, dict) or data.get("format") != fmt:
         raise SecurityError(f"{path} is not a {what}")

@@ -27,6 +27,8 @@ REQUEST_FORMAT = "fedge-enrollment-request/1"
 APPROVAL_FORMAT = "fedge-enrollment-approval/1"
 REQUEST_SUFFIX = ".enroll.json"
 APPROVAL_SUFFIX = ".approved.json"
+# A request holds a public key, an approval a CA certificate: kilobytes, never megabytes.
+MAX_FILE_BYTES = 1 << 20
 
 # Site names become folder and file names on both sides: no dots, slashes or spaces.
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -162,9 +164,12 @@ class Approval:
 def _read_json(path: Path, what: str, expected_format: str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
+    # A request comes from a site, an approval from the operator: bounded before it is read.
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise SecurityError(f"{path} is too large to be a {what}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise SecurityError(f"{path} is not a valid {what} (not JSON)") from e
     if not isinstance(data, dict) or data.get("format") != expected_format:
         raise SecurityError(f"{path} is not a {what} (expected format {expected_format!r})")
