@@ -70,3 +70,21 @@ def test_run_config_with_a_privacy_value_instead_of_a_table(
     assert code == ExitCode.CONFIG
     assert_one_line_error(err)
     assert "'privacy' must be a table" in err
+
+
+@pytest.mark.parametrize("command", ["export", "validate"])
+@pytest.mark.parametrize("bar", ["nan", "inf", "101"])
+def test_a_gate_bar_that_is_not_a_number_of_points_is_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    command: str,
+    bar: str,
+) -> None:
+    """`--max-accuracy-drop nan` passed every artifact: `drop > nan` is always False."""
+    extra = ["--central"] if command == "export" else []
+    args = (command, str(tmp_path / "missing"), "--max-accuracy-drop", bar, *extra)
+    code, err = fedge(monkeypatch, capsys, *args)
+    assert code == ExitCode.CONFIG
+    assert_one_line_error(err)
+    assert "--max-accuracy-drop must be a number of points in [-100, 100]" in err
