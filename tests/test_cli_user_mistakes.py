@@ -88,3 +88,45 @@ def test_a_gate_bar_that_is_not_a_number_of_points_is_refused(
     assert code == ExitCode.CONFIG
     assert_one_line_error(err)
     assert "--max-accuracy-drop must be a number of points in [-100, 100]" in err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--max-body-mb", "nan"], "--max-body-mb must be above 0"),  # was a ValueError
+        (["--max-body-mb", "inf"], "--max-body-mb must be above 0"),  # was an OverflowError
+        (["--batch-delay-ms", "inf"], "--batch-delay-ms must be 0 to 1000"),  # was accepted
+        (["--workers", "100000"], "--workers 100000: at most"),  # spawned until memory ran out
+        (["--port", "99999"], "--port 99999 is not a TCP port"),
+        (["--host", "nohost.invalid"], "does not resolve"),  # uvicorn's log line, exit 1
+    ],
+)
+def test_edge_serve_options_out_of_range(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    options: list[str],
+    message: str,
+) -> None:
+    args = ("edge", "serve", str(tmp_path / "bundle"), "--key", str(tmp_path / "k.pub"))
+    code, err = fedge(monkeypatch, capsys, *args, "--port", "18080", *options)
+    assert code == ExitCode.CONFIG
+    assert_one_line_error(err)
+    assert message in err
+
+
+def test_edge_serve_on_a_port_in_use_says_so_before_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """It printed "serving on ..." and then uvicorn's own error, exit 1."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        args = ("edge", "serve", str(tmp_path / "bundle"), "--key", str(tmp_path / "k.pub"))
+        code, err = fedge(monkeypatch, capsys, *args, "--port", port)
+    assert code == ExitCode.CONFIG
+    assert_one_line_error(err)
+    assert f"cannot listen on 127.0.0.1:{port}" in err
