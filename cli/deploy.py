@@ -172,7 +172,8 @@ def serve(
     """Serve POST /predict, GET /healthz and GET /metrics for a bundle or the agent's model."""
     from rich.console import Console
 
-    from fedge.edge.device.serve import ServeConfig, body_limit_bytes, check_address, run_server
+    from fedge.edge.device.serve import ServeConfig, body_limit_bytes, run_server
+    from fedge.shared.listen import check_listen_address
 
     config = ServeConfig(
         trusted_key=_trusted_key(key),
@@ -190,7 +191,7 @@ def serve(
     )
     from fedge.shared.errors import ConfigError
 
-    check_address(host, port)
+    check_listen_address(host, port)
     if (bundle is None) == (agent_dir is None):
         raise ConfigError("serve either a BUNDLE or --agent-dir DIR (exactly one)")
     if select not in ("fastest", "smallest"):

@@ -130,3 +130,69 @@ def test_edge_serve_on_a_port_in_use_says_so_before_serving(
     assert code == ExitCode.CONFIG
     assert_one_line_error(err)
     assert f"cannot listen on 127.0.0.1:{port}" in err
+
+
+def test_registry_serve_with_a_file_that_is_no_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """uvicorn's ssl.SSLError ended in a traceback."""
+    for name in ("cert.pem", "key.pem"):
+        (tmp_path / name).write_text("not PEM\n")
+    tls = ("--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"))
+    args = ("registry", "serve", "--port", "18081", *tls, "--data-dir", str(tmp_path / "srv"))
+    code, err = fedge(monkeypatch, capsys, *args)
+    assert code == ExitCode.SECURITY
+    assert_one_line_error(err)
+    assert "for TLS" in err
+
+
+def test_registry_serve_port_out_of_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """It said "registry API on http://127.0.0.1:99999" and kept running, listening nowhere."""
+    args = ("registry", "serve", "--port", "99999", "--insecure", "--data-dir", str(tmp_path))
+    code, err = fedge(monkeypatch, capsys, *args)
+    assert code == ExitCode.CONFIG
+    assert_one_line_error(err)
+    assert "not a TCP port" in err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--interval", "inf"], "--interval must be above 0"),  # OverflowError in the loop
+        (["--interval", "nan"], "--interval must be above 0"),
+        (["--channel", "../x"], "not a valid channel name"),
+        (["--dir", "FILE"], "is a file"),  # was a FileExistsError traceback
+    ],
+)
+def test_edge_agent_options(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    options: list[str],
+    message: str,
+) -> None:
+    (tmp_path / "FILE").write_text("")
+    options = [str(tmp_path / "FILE") if o == "FILE" else o for o in options]
+    base = ["--server", "http://127.0.0.1:9", "--dir", str(tmp_path / "agent"), "--token", "t"]
+    args = ("edge", "agent", *base, "--key", str(tmp_path / "k.pub"), *options)
+    code, err = fedge(monkeypatch, capsys, *args)
+    assert code == ExitCode.CONFIG
+    assert_one_line_error(err)
+    assert message in err
+
+
+@pytest.mark.parametrize("out", ["DIR", "DIR/missing/alice.token"])
+def test_server_grant_out_is_checked_before_granting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, out: str
+) -> None:
+    """It granted, then crashed writing the token (IsADirectoryError): a token nobody saw."""
+    from fedge.server.operators import list_users
+
+    target = out.replace("DIR", str(tmp_path))
+    args = ("server", "grant", "alice", "--out", target, "--data-dir", str(tmp_path / "srv"))
+    code, err = fedge(monkeypatch, capsys, *args)
+    assert code == ExitCode.CONFIG
+    assert_one_line_error(err)
+    assert not list_users(tmp_path / "srv")

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, replace
@@ -44,6 +43,7 @@ from fedge.edge.device.selection import (
 )
 from fedge.shared.atomic import atomic_write_json
 from fedge.shared.errors import BundleError, ConfigError, DataError
+from fedge.shared.listen import check_listen_address
 
 log = logging.getLogger(__name__)
 
@@ -387,30 +387,6 @@ def body_limit_bytes(megabytes: float) -> int:
     return max(1, int(megabytes * (1 << 20)))
 
 
-def check_address(host: str, port: int) -> None:
-    """Refuse a port out of range or a host name that does not resolve, before loading.
-
-    Raises
-    ------
-    ConfigError
-        Naming the option; uvicorn would otherwise exit with its own log line.
-    """
-    if not 0 < port < 65536:
-        raise ConfigError(f"--port {port} is not a TCP port (1-65535)")
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except (socket.gaierror, UnicodeError) as e:
-        raise ConfigError(f"--host {host!r} does not resolve to an address here") from e
-    # A trial bind, as uvicorn binds (SO_REUSEADDR): a port in use is named here, not after
-    # "serving on ..." was printed. Another process may still take it in between.
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as e:
-            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from e
-
-
 def default_workers() -> int:
     """One worker process per CPU this process may run on."""
     try:
@@ -433,7 +409,7 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080) -
     """
     import uvicorn
 
-    check_address(host, port)
+    check_listen_address(host, port)
     workers = config.workers if config.workers > 0 else default_workers()
     if config.threads is None and workers > 1:
         # Workers x intra-op threads = cores: more only makes them fight for the CPUs.
