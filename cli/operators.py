@@ -60,13 +60,15 @@ def grant(
 
 
 def _check_token_destination(out: Path) -> None:
-    """Refuse an --out that is a directory or whose folder does not exist."""
+    """Refuse an --out that is a directory or whose folder cannot be made."""
     from fedge.shared.errors import ConfigError
 
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file name such as alice.token")
-    if not out.parent.is_dir():
-        raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot make its folder: {e.strerror}") from e
 
 
 def _grant_sealed(

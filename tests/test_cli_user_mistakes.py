@@ -183,13 +183,14 @@ def test_edge_agent_options(
     assert message in err
 
 
-@pytest.mark.parametrize("out", ["DIR", "DIR/missing/alice.token"])
+@pytest.mark.parametrize("out", ["DIR", "DIR/afile/alice.token"])
 def test_server_grant_out_is_checked_before_granting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, out: str
 ) -> None:
     """It granted, then crashed writing the token (IsADirectoryError): a token nobody saw."""
     from fedge.server.operators import list_users
 
+    (tmp_path / "afile").write_text("")
     target = out.replace("DIR", str(tmp_path))
     args = ("server", "grant", "alice", "--out", target, "--data-dir", str(tmp_path / "srv"))
     code, err = fedge(monkeypatch, capsys, *args)
