@@ -97,10 +97,12 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows: list[dict[str, Any]] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    # Undecodable bytes and lines nested past json's stack are garbage like a torn line:
+    # skipped, never a crash of `fedge report` or a console page.
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue
     return rows
 
