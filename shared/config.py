@@ -165,8 +165,10 @@ class RunConfig:
             key = f.name.replace("_", "-")
             if isinstance(value, float) and not math.isfinite(value):
                 errors.append(f"{key} must be a finite number, got {value!r}")
-            elif f.name in INT_LIMITS and not 0 <= value <= INT_LIMITS[f.name]:
-                errors.append(f"{key} must be in [0, {INT_LIMITS[f.name]}], got {value}")
+            elif f.name in INT_LIMITS and value > INT_LIMITS[f.name]:
+                errors.append(f"{key} must be at most {INT_LIMITS[f.name]}, got {value}")
+            elif f.name in ("image_size", "seed") and value < 0:  # others have their own floor
+                errors.append(f"{key} must be at least 0, got {value}")
         return errors
 
     def _server_optimizer_errors(self) -> list[str]:
