@@ -197,3 +197,20 @@ def test_server_grant_out_is_checked_before_granting(
     assert code == ExitCode.CONFIG
     assert_one_line_error(err)
     assert not list_users(tmp_path / "srv")
+
+
+@pytest.mark.parametrize(
+    "command", [("registry", "list"), ("registry", "device", "list"), ("fleet", "list")]
+)
+def test_registry_commands_with_a_file_as_data_dir(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    command: tuple[str, ...],
+) -> None:
+    """A NotADirectoryError traceback from the registry's mkdir."""
+    (tmp_path / "afile").write_text("")
+    code, err = fedge(monkeypatch, capsys, *command, "--data-dir", str(tmp_path / "afile"))
+    assert code == ExitCode.REGISTRY
+    assert_one_line_error(err)
+    assert "cannot use" in err and "as the registry" in err
