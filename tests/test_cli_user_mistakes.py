@@ -214,3 +214,40 @@ def test_registry_commands_with_a_file_as_data_dir(
     assert code == ExitCode.REGISTRY
     assert_one_line_error(err)
     assert "cannot use" in err and "as the registry" in err
+
+
+@pytest.mark.parametrize("case", ["same-port", "registry-port-taken", "data-dir-file"])
+def test_server_start_refuses_before_starting_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, case: str
+) -> None:
+    """The same port twice (or a taken registry port) started the SuperLink and reported
+    success with the registry child dead; a file as --data-dir was a FileExistsError."""
+    import socket
+
+    from fedge.server.coordinator import stop_server
+
+    data = tmp_path / "srv"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = {
+            "same-port": ["--port", "18401", "--registry-port", "18401"],
+            "registry-port-taken": [
+                "--port",
+                "18402",
+                "--registry-port",
+                str(taken.getsockname()[1]),
+            ],
+            "data-dir-file": [],
+        }[case]
+        if case == "data-dir-file":
+            data.write_text("")
+        args = ("server", "start", "--host", "127.0.0.1", *ports, "--insecure", "--data-dir")
+        try:
+            code, err = fedge(monkeypatch, capsys, *args, str(data))
+        finally:
+            if data.is_dir():
+                stop_server(data)  # only if the refusal regressed and something started
+    assert code == ExitCode.CONFIG
+    assert_one_line_error(err)
+    assert not (data.is_dir() and (data / "server.json").exists())
