@@ -166,7 +166,8 @@ def serve(
     """Serve POST /predict, GET /healthz and GET /metrics for a bundle or the agent's model."""
     from rich.console import Console
 
-    from fedge.edge.device.serve import ServeConfig, run_server
+    from fedge.edge.device.serve import ServeConfig, body_limit_bytes, run_server
+    from fedge.shared.listen import check_listen_address
 
     config = ServeConfig(
         trusted_key=_trusted_key(key),
@@ -174,7 +175,7 @@ def serve(
         agent_dir=agent_dir,
         format=format,
         precision=precision,
-        max_body_bytes=int(max_body_mb * (1 << 20)),
+        max_body_bytes=body_limit_bytes(max_body_mb),
         threads=threads,
         workers=workers,
         select=select,
@@ -184,6 +185,7 @@ def serve(
     )
     from fedge.shared.errors import ConfigError
 
+    check_listen_address(host, port)
     if (bundle is None) == (agent_dir is None):
         raise ConfigError("serve either a BUNDLE or --agent-dir DIR (exactly one)")
     if select not in ("fastest", "smallest"):

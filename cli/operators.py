@@ -36,6 +36,8 @@ def grant(
     from fedge.shared.atomic import atomic_write_text
 
     directory = _data_dir(data_dir)
+    if out is not None:
+        _check_token_destination(out)  # before granting: a token nobody can read is lost
     if request is not None:
         _grant_sealed(directory, name, role, request, fingerprint, out)
         return
@@ -48,6 +50,18 @@ def grant(
         typer.echo(given.token)
     typer.echo(f"token fingerprint {given.fingerprint}: read it out when you hand it over")
     typer.echo("use it with: fedge run --token-file FILE --server HOST:PORT --ca ca.crt")
+
+
+def _check_token_destination(out: Path) -> None:
+    """Refuse an --out that is a directory or whose folder cannot be made."""
+    from fedge.shared.errors import ConfigError
+
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give a file name such as alice.token")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot make its folder: {e.strerror}") from e
 
 
 def _grant_sealed(

@@ -163,7 +163,9 @@ def serve(
 ) -> None:
     """Serve the device API (HTTPS; the server's CA-issued certificate by default)."""
     from fedge.server.registry.api import resolve_tls, run_registry_server
+    from fedge.shared.listen import check_listen_address
 
+    check_listen_address(host, port)
     tls = resolve_tls(tls_cert, tls_key, insecure)
     if tls is None:
         console.print("[yellow]warning: --insecure: tokens and bundles travel unencrypted[/]")

@@ -154,7 +154,7 @@ def _manifest(content: bytes, cfg: RunConfig, job: fc.ArtifactJob) -> Any:
     try:
         data = json.loads(content.decode("utf-8"))
         manifest = Manifest.from_dict(data if isinstance(data, dict) else {})
-    except (UnicodeDecodeError, json.JSONDecodeError, BundleError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, BundleError) as e:
         raise ConfigError(f"artifact job refused: bad manifest ({str(e)[:200]})") from e
     if manifest.task.name != cfg.task or len(manifest.labels) != job.classes:
         raise ConfigError("artifact job refused: the artifacts are not for this run's task")

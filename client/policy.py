@@ -86,8 +86,15 @@ def _from_mapping(data: dict[str, Any], source: str) -> SitePolicy:
                 raise ConfigError(f"{source}: {raw_key} must be true or false")
             kwargs[key] = value
         else:
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ConfigError(f"{source}: {raw_key} must be a number >= 0")
+            # NaN passes `value < 0` and then every later comparison is False: a NaN budget
+            # or noise floor would silently enforce nothing.
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ConfigError(f"{source}: {raw_key} must be a finite number >= 0")
             kwargs[key] = float(value)
     policy = SitePolicy(**kwargs)
     if not 0 < policy.delta < 1:
@@ -109,6 +116,8 @@ def load_policy(path: Path | None) -> SitePolicy:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"policy file {path} is not valid TOML: {e}") from e
+    except OSError as e:  # a directory, or no permission: fail closed, with the reason
+        raise ConfigError(f"cannot read policy file {path}: {e.strerror}") from e
     return _from_mapping(data, str(path))
 
 

@@ -10,6 +10,7 @@ moved into place. Registry, agent and serving then treat it like any bundle.
 """
 
 import logging
+import math
 import re
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ import numpy as np
 from fedge.shared import bundle, signing
 from fedge.shared.atomic import atomic_write_json, fsync_tree
 from fedge.shared.errors import BundleError, ConfigError, ModelError, SecurityError
+from fedge.shared.fleet_protocol import is_version
 from fedge.shared.tasks import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -356,8 +358,19 @@ def create_bundle(
     model, out_dir = Path(model), Path(out_dir)
     if precision not in ("fp32", "int8"):
         raise ConfigError(f"precision {precision!r} is not fp32 or int8")
+    if not is_version(version):
+        # The registry and devices store a version as a directory name: refuse it here, not
+        # after signing, at `fedge registry publish`.
+        raise ConfigError(
+            f"version {version!r} is not valid: use letters, digits, '.', '_', '+' or '-' "
+            "(at most 128, starting with a letter or digit)"
+        )
+    if atol is not None and not (math.isfinite(atol) and atol > 0):
+        raise ConfigError(f"--atol must be a positive number, got {atol}")
     if out_dir.exists() and not force:
         raise ConfigError(f"{out_dir} already exists; choose another --out or pass --force")
+    if out_dir.exists() and (out_dir.is_symlink() or not out_dir.is_dir()):
+        raise ConfigError(f"{out_dir} is not a bundle directory; --force replaces only one")
     key = _load_key(signing_key)
     fmt, io = inspect_model(model)
     name = task_name or _TASK_RE.sub("-", model.stem).strip("-") or "model"

@@ -116,8 +116,19 @@ def start_server(
     StartedServer
         The recorded state (also written to ``DATA_DIR/server.json``) and the addresses.
     """
+    from fedge.shared.listen import check_listen_address
     from fedge.shared.tls import ensure_server_certificate
 
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ConfigError(f"--data-dir {data_dir} is a file; give the server's state folder")
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port} is not a TCP port (1-65535)")
+    if registry_port:
+        if registry_port == port:
+            raise ConfigError(f"--registry-port {registry_port} is --port too; give another")
+        # The registry runs as a child nobody waits on: a taken port would leave it dead
+        # while `fedge server start` reports success.
+        check_listen_address(host, registry_port)
     tls = None if insecure else ensure_server_certificate(data_dir / "tls", list(sans or []))
     front_pid, front_proc = None, None
     if tls is None:

@@ -97,7 +97,10 @@ def create_access_request(name: str, server_address: str, folder: Path) -> Acces
     """Make the scientist's key pair (private key 0600) and request file in ``folder``."""
     validate_user_name(name)
     validate_server_address(server_address)
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:  # a file in the way, or no permission
+        raise ConfigError(f"cannot make the access folder {folder}: {e.strerror}") from e
     key = X25519PrivateKey.generate()
     raw_private = key.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()

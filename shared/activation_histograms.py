@@ -136,8 +136,9 @@ class BinSpec:
             raise DataError(f"bin spec is {len(text)} bytes; the limit is {MAX_SPEC_BYTES}")
         try:
             data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise DataError(f"bin spec is not JSON: {e}") from e
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            # RecursionError: a spec nested deeper than the parser's stack (a crafted one).
+            raise DataError(f"bin spec is not JSON: {str(e)[:200]}") from e
         if not isinstance(data, dict) or set(data) != {"kind", "tensors"}:
             raise DataError("bin spec must be an object with exactly 'kind' and 'tensors'")
         rows = data["tensors"]
@@ -154,7 +155,12 @@ class BinSpec:
                 raise DataError(f"bin spec bins/elements of {str(name)[:80]!r} are not integers")
             if not isinstance(name, str):
                 raise DataError("bin spec tensor name is not a string")
-            tensors.append(TensorBins(name, float(lo), float(hi), bins, elements))
+            try:
+                tensors.append(TensorBins(name, float(lo), float(hi), bins, elements))
+            except OverflowError as e:  # an integer edge of hundreds of digits
+                raise DataError(
+                    f"bin spec range of {name[:80]!r} is beyond {MAX_ABS_EDGE:g}"
+                ) from e
         kind = data["kind"]
         if kind not in ("coarse", "fine"):
             raise DataError(f"unknown bin spec kind {str(kind)[:40]!r}")

@@ -100,10 +100,12 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows: list[dict[str, Any]] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    # Undecodable bytes and lines nested past json's stack are garbage like a torn line:
+    # skipped, never a crash of `fedge report` or a console page.
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue
     return rows
 
@@ -163,7 +165,7 @@ def read_json_object(
         raise error(f"{what} {path} is over {limit} bytes", hint)
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # nested past the stack
         raise error(f"{what} {path} is not JSON (or not UTF-8)", hint) from e
     if not isinstance(data, dict):
         raise error(f"{what} {path} is not a JSON object", hint)

@@ -426,7 +426,8 @@ def _read_manifest_bytes(bundle_dir: Path) -> bytes:
 def _parse(bundle_dir: Path, payload: bytes) -> Manifest:
     try:
         data = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        # RecursionError: nested deeper than json's stack (read_manifest parses unverified).
         raise BundleError(f"bundle {bundle_dir}: {MANIFEST} is not valid JSON") from e
     if not isinstance(data, dict):
         raise BundleError(f"bundle {bundle_dir}: {MANIFEST} is not a JSON object")
@@ -498,7 +499,7 @@ def _signature_failure(bundle_dir: Path, payload: bytes, trusted: str) -> str:
     """Say whether another key signed it or the manifest was modified."""
     try:
         claimed = json.loads(payload)["signing"]["public_key_fingerprint"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # tampered: any shape at all
         claimed = None
     if isinstance(claimed, str) and claimed != trusted:
         return (

@@ -10,6 +10,7 @@ and stay on the site.
 """
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -28,6 +29,20 @@ DP_LEVELS = ("none", "record", "site")
 # What a submitted run does: fine-tune a model, or the export's federated job on artifacts
 # (evaluate candidate artifacts, or sum calibration histograms; ``fedge.server.artifact_job``).
 JOBS = ("train", "artifacts")
+# Upper bounds of the integer settings: a run config also comes from the coordinator, and a
+# site sizes buffers and loops by these, so an absurd value must be refused, not allocated
+# (Flower's run config carries a 64-bit integer at most anyway).
+INT_LIMITS = {
+    "num_rounds": 100_000,
+    "local_epochs": 10_000,
+    "batch_size": 65_536,
+    "min_clients": 100_000,
+    "image_size": 4096,
+    "lora_rank": 4096,
+    "lora_alpha": 1_000_000,
+    "byzantine_sites": 100_000,
+    "seed": 2**32 - 1,
+}
 
 
 @dataclass(frozen=True)
@@ -136,9 +151,25 @@ class RunConfig:
             errors.append(f"task {self.task!r} needs 'classes' (comma-separated labels)")
         if self.task == "tabular" and not self.features:
             errors.append("task 'tabular' needs 'features' (comma-separated column order)")
+        errors.extend(self._range_errors())
+        errors.extend(_privacy_errors(self.privacy))
         if errors:
             # Validators collect every failure, then raise once.
             raise ConfigError("; ".join(errors))
+
+    def _range_errors(self) -> list[str]:
+        """Every number finite, every integer within its bound (NaN slips past ``<`` checks)."""
+        errors = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            key = f.name.replace("_", "-")
+            if isinstance(value, float) and not math.isfinite(value):
+                errors.append(f"{key} must be a finite number, got {value!r}")
+            elif f.name in INT_LIMITS and value > INT_LIMITS[f.name]:
+                errors.append(f"{key} must be at most {INT_LIMITS[f.name]}, got {value}")
+            elif f.name in ("image_size", "seed") and value < 0:  # others have their own floor
+                errors.append(f"{key} must be at least 0, got {value}")
+        return errors
 
     def _server_optimizer_errors(self) -> list[str]:
         """FedAvgM's settings; server optimizers compose with SecAgg+ and DP-SGD, not site DP."""
@@ -213,7 +244,10 @@ class RunConfig:
     def from_mapping(values: dict[str, Any]) -> "RunConfig":
         """Build from snake_case keys; ``privacy_*`` keys or a ``privacy`` table."""
         values = dict(values)
-        privacy_values = dict(values.pop("privacy", {}) or {})
+        privacy_table = values.pop("privacy", None) or {}
+        if not isinstance(privacy_table, dict):
+            raise ConfigError("config key 'privacy' must be a table ([privacy])")
+        privacy_values = dict(privacy_table)
         for key in [k for k in values if k.startswith("privacy_")]:
             privacy_values[key.removeprefix("privacy_")] = values.pop(key)
         known = {f.name: f for f in fields(RunConfig)}
@@ -236,6 +270,40 @@ class RunConfig:
 
     def feature_list(self) -> tuple[str, ...]:
         return tuple(c.strip() for c in self.features.split(",") if c.strip())
+
+
+def _privacy_errors(p: PrivacyConfig) -> list[str]:
+    """DP and SecAgg+ settings that make sense; a stated epsilon needs 0 < delta < 1."""
+    errors = []
+    for f in fields(p):
+        value = getattr(p, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"privacy {f.name.replace('_', '-')} must be a finite number")
+    if p.noise_multiplier < 0:
+        errors.append("privacy noise-multiplier must be at least 0")
+    if not p.clipping_norm > 0:
+        errors.append("privacy clipping-norm must be positive")
+    if not 0 < p.delta < 1:
+        errors.append("privacy delta must be in (0, 1)")
+    if p.epsilon_budget < 0:
+        errors.append("privacy epsilon-budget must be at least 0 (0: no budget)")
+    if not p.secagg_timeout > 0:
+        errors.append("privacy secagg-timeout must be positive")
+    if not p.secagg_clipping_range > 0:
+        errors.append("privacy secagg-clipping-range must be positive")
+    if not 1 <= p.secagg_quantization_range < 2**31:
+        errors.append("privacy secagg-quantization-range must be in [1, 2^31)")
+    # Flower's SecAgg+: 1 means "every sampled site" for both; otherwise shares > 2 and
+    # 1 < threshold < shares (a threshold of 0 would reconstruct masks from nothing).
+    shares, threshold = p.secagg_num_shares, p.secagg_threshold
+    if shares != 1 and not 3 <= shares <= 100_000:
+        errors.append("privacy secagg-num-shares must be 1 (all sites) or in [3, 100000]")
+    if threshold != 1 and not (threshold >= 2 and (shares == 1 or threshold < shares)):
+        errors.append(
+            "privacy secagg-threshold must be 1 (all shares) or at least 2 and below "
+            "secagg-num-shares"
+        )
+    return errors
 
 
 def toml_value(value: object) -> str:
@@ -310,6 +378,8 @@ def load_run_config(path: Path | str | None = None, **flags: Any) -> RunConfig:
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; give the run config's .toml")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:

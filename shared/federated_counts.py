@@ -205,8 +205,11 @@ class ArtifactJob:
             )  # fmt: skip
             if not typed:
                 raise ValueError("a field has the wrong type")
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"artifact job refused: malformed job description ({e})") from e
+        except (ValueError, TypeError, RecursionError) as e:
+            # RecursionError: JSON nested deeper than the parser's stack (a crafted job).
+            raise ConfigError(
+                f"artifact job refused: malformed job description ({str(e)[:200]})"
+            ) from e
         return ArtifactJob(
             kind=data["kind"], classes=data["classes"], artifacts=tuple(artifacts),
             confusion=data["confusion"], fmt=data["fmt"], bin_spec=data["bin_spec"],

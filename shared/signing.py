@@ -70,6 +70,10 @@ def generate_signing_key(private_path: Path | str, overwrite: bool = False) -> P
             f"{private_path} ends in {PUBLIC_SUFFIX!r}, the suffix of the public key; "
             "choose a private key path such as signing.key"
         )
+    for path in (private_path, public_path):
+        if path.is_dir():
+            # Even with --force: a directory is never "an old key" to replace.
+            raise SecurityError(f"{path} is a directory; give a key file path such as signing.key")
     if not overwrite:
         for path in (private_path, public_path):
             if path.exists():
@@ -86,10 +90,13 @@ def generate_signing_key(private_path: Path | str, overwrite: bool = False) -> P
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    private_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # The private key is written first: a public key never exists without its private half.
-    atomic_write_bytes(private_path, private_pem, mode=0o600)
-    atomic_write_bytes(public_path, public_pem, mode=0o644)
+    try:
+        private_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The private key is written first: a public key never exists without its private half.
+        atomic_write_bytes(private_path, private_pem, mode=0o600)
+        atomic_write_bytes(public_path, public_pem, mode=0o644)
+    except OSError as e:
+        raise SecurityError(f"cannot write the key pair at {private_path}: {e.strerror}") from e
     return public_path
 
 

@@ -140,6 +140,17 @@ def test_an_edited_manifest_is_refused(signed: Path, keys: tuple[Path, Path]) ->
         bundle.verify_bundle(signed, keys[1])
 
 
+def test_a_manifest_nested_past_jsons_stack_is_refused(
+    signed: Path, keys: tuple[Path, Path]
+) -> None:
+    """A tampered manifest of 200k nested lists escaped as RecursionError (a traceback)."""
+    (signed / "manifest.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(BundleError, match=r"manifest\.sig is not a valid signature"):
+        bundle.verify_bundle(signed, keys[1])
+    with pytest.raises(BundleError, match="not valid JSON"):
+        bundle.read_manifest(signed)
+
+
 def test_a_bundle_signed_by_another_key_is_refused(
     tmp_path: Path, signed: Path, keys: tuple[Path, Path]
 ) -> None:

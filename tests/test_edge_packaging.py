@@ -188,3 +188,31 @@ def test_packaging_runs_without_torch(tmp_path: Path, models, keys) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert verify_bundle(out, public).version == "1"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"version": "../../x"}, "version '../../x' is not valid"),  # signed, unpublishable
+        ({"atol": float("nan")}, "--atol must be a positive number"),  # was a JSON error
+        ({"atol": -1.0}, "--atol must be a positive number"),  # was "fails its own self-test"
+    ],
+)
+def test_bad_options_are_refused_before_packaging(
+    tmp_path: Path, options: dict, message: str
+) -> None:
+    base = {"labels": LABELS, "input_shape": (3, 16, 16), "version": "1"}
+    with pytest.raises(ConfigError, match=message):
+        create_bundle(tmp_path / "m.onnx", tmp_path / "out", **{**base, **options})
+    assert not (tmp_path / "out").exists()
+
+
+def test_force_over_a_file_or_a_link_is_refused(tmp_path: Path) -> None:
+    """``--out FILE --force`` crashed in shutil.rmtree (NotADirectoryError traceback)."""
+    options = {"labels": LABELS, "input_shape": (3, 16, 16), "version": "1", "force": True}
+    (tmp_path / "file").write_text("keep me")
+    (tmp_path / "link").symlink_to(tmp_path)
+    for out in (tmp_path / "file", tmp_path / "link"):
+        with pytest.raises(ConfigError, match="is not a bundle directory"):
+            create_bundle(tmp_path / "m.onnx", out, **options)
+    assert (tmp_path / "file").read_text() == "keep me"

@@ -233,6 +233,18 @@ def test_images_and_npy_inputs(tmp_path: Path, mixed: Path, keys: tuple[Path, Pa
         assert len(model.predict(batch.x).labels) == 7
 
 
+def test_unreadable_images_are_data_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past Pillow's pixel bound was a DecompressionBombError traceback in `edge predict`;
+    an unknown format named a BytesIO object instead of the problem."""
+    Image.fromarray(digit_images(1)[0]).save(tmp_path / "d.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"junk\.png is not a readable image: unknown image format"):
+        load_inputs([tmp_path / "junk.png"], digits_task())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # an 8x8 digit: past twice the bound
+    with pytest.raises(DataError, match=r"d\.png is not a readable image: .*decompression bomb"):
+        load_inputs([tmp_path / "d.png"], digits_task())
+
+
 def test_csv_and_npy_rows_for_a_tabular_task(tmp_path: Path) -> None:
     task = tabular_task()
     (tmp_path / "rows.csv").write_text("id,c,a,b\n1,3,1,2\n2,0.5,-1,4\n\n")

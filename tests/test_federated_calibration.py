@@ -250,6 +250,9 @@ def _spec_text(**changes: Any) -> str:
         (_spec_text(tensors=[[f"t{i}", -1, 1, 16384, 1] for i in range(257)]), "in all"),
         (_spec_text(kind="coarse", tensors=[["t", -1, 1, 8, 1]]), "fixed log2 bins"),
         (" " * (4 << 20) + "{}", "limit"),
+        # A crafted coordinator's spec: these escaped as RecursionError / OverflowError.
+        ("[" * 100_000 + "]" * 100_000, "not JSON"),
+        ('{"kind":"fine","tensors":[["t",-1,' + "9" * 400 + ",8,1]]}", "beyond"),
     ],
 )
 def test_bin_spec_from_json_rejects_malformed(text: str, why: str) -> None:

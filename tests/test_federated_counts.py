@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
-from fedge.client.artifact_job import _checked_payload
+from fedge.client.artifact_job import _checked_payload, _manifest
 from fedge.edge.export.federated_gate import gate
 from fedge.server.artifact_job import count_noise
 from fedge.server.privacy import site_level_epsilon
@@ -107,11 +107,22 @@ def test_job_refuses_what_a_coordinator_should_not_ask(changes: dict[str, object
         json.dumps({**json.loads(job().to_json()), "classes": "10"}),
         json.dumps({**json.loads(job().to_json()), "classes": True}),
         "x" * (2 * fc.MAX_SPEC_CHARS + 1),
+        "[" * 100_000 + "]" * 100_000,  # deeper than json's stack: was a RecursionError
     ],
 )
 def test_job_json_from_a_coordinator_is_checked(text: str) -> None:
     with pytest.raises(ConfigError, match="artifact job refused"):
         fc.ArtifactJob.from_json(text)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"\xff", b"[]", b"{}", b"[" * 500_000 + b"]" * 500_000],  # the last: a RecursionError
+)
+def test_site_refuses_a_malformed_manifest_with_the_reason(content: bytes) -> None:
+    """The job's manifest is not signed: whatever the coordinator sends fails as a refusal."""
+    with pytest.raises(ConfigError, match="artifact job refused: bad manifest"):
+        _manifest(content, RunConfig(), job())
 
 
 def test_site_checks_the_payload_before_using_it() -> None:

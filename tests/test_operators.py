@@ -151,3 +151,14 @@ def test_access_install_refuses_a_sealed_value_that_is_not_a_token(tmp_path, pla
     (laptop / "alice.access.key").write_bytes(b"\xff" * 5)
     with pytest.raises(SecurityError, match="not an access key"):
         install_access(answer, certificate_fingerprint(ca), laptop)
+
+
+def test_access_files_nested_past_jsons_stack_are_refused(tmp_path):
+    """A request or answer file of 64k nested lists escaped as a RecursionError traceback."""
+    from fedge.shared.access_files import read_access_request
+    from fedge.shared.errors import SecurityError
+
+    path = tmp_path / "bob.access-request.json"
+    path.write_text("[" * 30_000 + "]" * 30_000)
+    with pytest.raises(SecurityError, match="not JSON"):
+        read_access_request(path)

@@ -112,6 +112,14 @@ def test_tampered_or_malformed_requests_are_refused(tmp_path: Path) -> None:
         read_request(rsa_like)
     with pytest.raises(ConfigError, match="does not exist"):
         read_request(tmp_path / "absent.enroll.json")
+    nested = tmp_path / "n.enroll.json"  # was a RecursionError traceback at the operator
+    nested.write_text("[" * 20_000 + "]" * 20_000)
+    with pytest.raises(SecurityError, match="not JSON"):
+        read_request(nested)
+    huge = tmp_path / "h.enroll.json"  # was read whole, whatever its size
+    huge.write_text(json.dumps({**data, "padding": "x" * (2 << 20)}))
+    with pytest.raises(SecurityError, match="over 65536 bytes"):
+        read_request(huge)
 
 
 def _fake_approval(tmp_path: Path, request_path: Path, fingerprint: str) -> Path:

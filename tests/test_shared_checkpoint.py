@@ -158,4 +158,7 @@ def test_atomic_json_and_jsonl_helpers(tmp_path: Path) -> None:
     with open(log, "a", encoding="utf-8") as handle:
         handle.write('{"round": 3, "trunc')  # a crash in the middle of a line
     assert read_jsonl(log) == [{"round": 1}, {"round": 2}]
+    with open(log, "ab") as handle:  # garbage: was a RecursionError / UnicodeDecodeError
+        handle.write(b"\n" + b"[" * 100_000 + b"]" * 100_000 + b"\n\xff\xfe\n")
+    assert read_jsonl(log) == [{"round": 1}, {"round": 2}]
     assert _no_temp_files(tmp_path)

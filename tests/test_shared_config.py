@@ -115,3 +115,36 @@ def test_example_run_config_loads() -> None:
     root = Path(__file__).resolve().parents[1]
     cfg = load_run_config(root / "examples" / "run.toml")
     assert cfg.num_rounds == 5 and cfg.privacy.dp == "none"
+
+
+@pytest.mark.parametrize(
+    ("toml", "word"),
+    [
+        ("privacy = 5\n", "must be a table"),
+        ("lr = nan\n", "lr must be a finite number"),
+        ("num-rounds = 99999999999999999999\n", "num-rounds must be at most"),
+        ("num-rounds = 1e300\n", "num-rounds must be at most"),
+        ("image-size = 100000\n", "image-size must be at most"),
+        ("seed = -1\n", "seed must be at least 0"),
+        ("[privacy]\nnoise-multiplier = -1.0\n", "noise-multiplier must be at least 0"),
+        ("[privacy]\ndelta = 7.0\n", "delta must be in (0, 1)"),
+        ("[privacy]\nclipping-norm = nan\n", "clipping-norm"),
+        ("[privacy]\nepsilon-budget = -1.0\n", "epsilon-budget"),
+        ("[privacy]\nsecagg-timeout = -1.0\n", "secagg-timeout"),
+        ("[privacy]\nsecagg-num-shares = 2\n", "secagg-num-shares"),
+        ("[privacy]\nsecagg-threshold = 0\n", "secagg-threshold"),
+        ("[privacy]\nsecagg-num-shares = 4\nsecagg-threshold = 4\n", "secagg-threshold"),
+    ],
+)
+def test_out_of_range_values_are_refused_with_the_key(tmp_path: Path, toml: str, word: str) -> None:
+    """A run config also arrives from the coordinator: NaN, huge and negative values fail."""
+    path = tmp_path / "run.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as error:
+        load_run_config(path)
+    assert word in str(error.value)
+
+
+def test_a_directory_as_config_is_named_as_such(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_run_config(tmp_path)

@@ -211,6 +211,16 @@ def test_image_folder_problems(tmp_path: Path) -> None:
         load_data(str(tmp_path / "broken"), task)
 
 
+def test_image_past_pils_pixel_bound_is_a_data_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PIL's DecompressionBombError is no OSError: it escaped as a traceback."""
+    folder = _write_image_folder(tmp_path / "imgs", {"cat": 1, "dog": 1})
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 10x10 images: past twice the bound
+    with pytest.raises(DataError, match=r"cannot read image.*decompression bomb"):
+        load_data(str(folder), _image_task(("cat", "dog")))
+
+
 def test_image_folder_for_tabular_task_is_refused(tmp_path: Path) -> None:
     folder = _write_image_folder(tmp_path / "imgs", {"a": 1, "b": 1})
     task = task_for_run(RunConfig(task="tabular", model="mlp", classes="a,b", features="f1,f2"))
@@ -247,8 +257,18 @@ def test_csv_problems(tmp_path: Path, tabular_task: TaskSpec) -> None:
     with pytest.raises(DataError, match="non-numeric"):
         load_data(str(path), tabular_task)
     path.write_text("a,b,label\n1\n")  # a short row: missing values
-    with pytest.raises(DataError, match="non-numeric"):
+    with pytest.raises(DataError, match="line 2 does not have the header's 3 cells"):
         load_data(str(path), tabular_task)
+    path.write_text("a,b,label\n1,2,yes\n1,2\n")  # only the label missing: was a TypeError
+    with pytest.raises(DataError, match="line 3 does not have the header's 3 cells"):
+        load_data(str(path), tabular_task)
+    path.write_text("a,b,label\n1,2,yes,9\n")  # a long row
+    with pytest.raises(DataError, match="line 2 does not have the header's 3 cells"):
+        load_data(str(path), tabular_task)
+    for bad in ("nan", "inf", "-Infinity"):  # float() reads them; training would diverge
+        path.write_text(f"a,b,label\n1,2,yes\n{bad},2,no\n")
+        with pytest.raises(DataError, match="line 3 has a missing or infinite"):
+            load_data(str(path), tabular_task)
     path.write_text("a,b,label\n1,2,maybe\n")
     with pytest.raises(DataError, match=r"labels \['maybe'\]"):
         load_data(str(path), tabular_task)

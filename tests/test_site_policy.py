@@ -62,6 +62,19 @@ def test_policy_file_round_trip_and_validation(tmp_path: Path) -> None:
         load_policy(path)
 
 
+@pytest.mark.parametrize("key", ["lifetime-epsilon", "max-epsilon-per-run", "min-noise-multiplier"])
+def test_a_nan_limit_is_refused_not_silently_unenforced(tmp_path: Path, key: str) -> None:
+    """NaN passed `value < 0`, and a NaN budget or noise floor then refused nothing."""
+    path = tmp_path / "policy.toml"
+    path.write_text(f"{key} = nan\n")
+    with pytest.raises(ConfigError, match="finite number"):
+        load_policy(path)
+    with pytest.raises(ConfigError, match="finite number"):
+        update_policy(tmp_path / "other.toml", **{key.replace("-", "_"): math.nan})
+    with pytest.raises(ConfigError, match="cannot read policy file"):
+        load_policy(tmp_path)  # a directory: was an IsADirectoryError traceback
+
+
 def _guard(tmp_path: Path, run_id: str, **policy: object) -> SiteGuard:
     ledger = tmp_path / "privacy-ledger.json"
     return SiteGuard("a", run_id, SitePolicy(**policy), ledger)  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ sends makes ``poll`` raise, except a refused token. Torch-free.
 
 import hashlib
 import logging
+import math
 import random
 import shutil
 import threading
@@ -33,13 +34,20 @@ import numpy as np
 from fedge.edge.device.activation import AgentDir
 from fedge.edge.device.selection import CHOICE_FILE, choose_and_record
 from fedge.shared.bundle import MANIFEST, self_test_inputs, unpack_bundle, verify_bundle
-from fedge.shared.errors import BundleError, ConnectionFailed, FedgeError, SecurityError
+from fedge.shared.errors import (
+    BundleError,
+    ConfigError,
+    ConnectionFailed,
+    FedgeError,
+    SecurityError,
+)
 from fedge.shared.fleet_protocol import (
     ChannelStatement,
     CurrentVersion,
     ProtocolError,
     StatusReport,
     bundle_download_path,
+    is_channel,
     parse_json,
     printable,
 )
@@ -50,6 +58,10 @@ log = logging.getLogger(__name__)
 MAX_DOWNLOAD_BYTES = 2 << 30
 MAX_ANSWER_BYTES = 64 << 10
 HealthCheck = Callable[[Path, Path], None]
+
+
+# Longest wait between polls or for one answer: a day (a longer one is a typo, not a plan).
+MAX_INTERVAL_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,17 @@ class AgentConfig:
     # a bundle for another task is refused unless allow_task_change.
     task: str | None = None
     allow_task_change: bool = False
+
+    def __post_init__(self) -> None:
+        # time.sleep(inf) and Event.wait(inf) raise OverflowError mid-loop; NaN never waits.
+        for name in ("interval", "timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 < value <= MAX_INTERVAL_S):
+                raise ConfigError(f"--{name} must be above 0 and at most {MAX_INTERVAL_S:g} s")
+        if not is_channel(self.channel):
+            raise ConfigError(f"channel {self.channel!r} is not a valid channel name")
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ConfigError(f"--dir {self.dir} is a file; give the agent's directory")
 
 
 @dataclass(frozen=True)

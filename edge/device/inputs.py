@@ -39,7 +39,10 @@ def decode_image(data: bytes, channels: int, name: str = "image") -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             return np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except UnidentifiedImageError as e:  # its message names the BytesIO object, not the file
+        raise DataError(f"{name} is not a readable image: unknown image format") from e
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        # DecompressionBombError (Pillow's pixel bound) is no OSError: it was a traceback.
         raise DataError(f"{name} is not a readable image: {e}") from e
 
 

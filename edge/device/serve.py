@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -41,12 +42,18 @@ from fedge.edge.device.selection import (
     choose_fastest_artifact,
 )
 from fedge.shared.atomic import atomic_write_json
-from fedge.shared.errors import BundleError, DataError
+from fedge.shared.errors import BundleError, ConfigError, DataError
+from fedge.shared.listen import check_listen_address
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 << 20
 MAX_BATCH = 256
+# Bounds on the operator's own options: an unbounded wait holds every batch behind one slow
+# upload, and thousands of worker processes (each a model copy) exhaust the device.
+MAX_BODY_LIMIT = 1 << 30
+MAX_BATCH_DELAY_MS = 1000.0
+MAX_WORKERS_PER_CORE = 4
 CONFIG_ENV = "FEDGE_SERVE_CONFIG"  # how ``run_server`` hands the config to worker processes
 HTTPProblem = BadRequest  # the name this module used before ``payload`` existed
 
@@ -72,6 +79,23 @@ class ServeConfig:
     max_parts: int = Limits.max_parts
     workers: int = 1
     choice: dict[str, Any] | None = None  # a choice measured by the parent (workers)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_body_bytes <= MAX_BODY_LIMIT:
+            raise ConfigError(f"the body limit must be 1 byte to {MAX_BODY_LIMIT >> 20} MiB")
+        if not (
+            math.isfinite(self.batch_delay_ms) and 0 <= self.batch_delay_ms <= MAX_BATCH_DELAY_MS
+        ):
+            raise ConfigError(
+                f"--batch-delay-ms must be 0 to {MAX_BATCH_DELAY_MS:g}, not {self.batch_delay_ms}"
+            )
+        most = MAX_WORKERS_PER_CORE * default_workers()
+        if not 0 <= self.workers <= most:
+            raise ConfigError(
+                f"--workers {self.workers}: at most {most} ({MAX_WORKERS_PER_CORE} per core here)"
+            )
+        if self.threads is not None and not 1 <= self.threads <= 1024:
+            raise ConfigError(f"--threads {self.threads}: use 1 to 1024")
 
     @property
     def limits(self) -> Limits:
@@ -356,6 +380,13 @@ def app_from_environment() -> Starlette:
     return create_app(ServeConfig.from_json(text))
 
 
+def body_limit_bytes(megabytes: float) -> int:
+    """``--max-body-mb`` in bytes (NaN and infinity are no limit the server can hold)."""
+    if not (math.isfinite(megabytes) and 0 < megabytes <= MAX_BODY_LIMIT >> 20):
+        raise ConfigError(f"--max-body-mb must be above 0 and at most {MAX_BODY_LIMIT >> 20}")
+    return max(1, int(megabytes * (1 << 20)))
+
+
 def default_workers() -> int:
     """One worker process per CPU this process may run on."""
     try:
@@ -378,6 +409,7 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080) -
     """
     import uvicorn
 
+    check_listen_address(host, port)
     workers = config.workers if config.workers > 0 else default_workers()
     if config.threads is None and workers > 1:
         # Workers x intra-op threads = cores: more only makes them fight for the CPUs.

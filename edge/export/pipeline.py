@@ -546,6 +546,7 @@ def export_bundle(
     )
 
     check_choices(formats, quantize)
+    validate_mod.check_max_accuracy_drop(max_accuracy_drop)
     private_key = bundle_writer.load_signing_key(signing_key)
     out_dir, source = Path(out_dir), Path(source)
     bundle_writer.check_destination(out_dir, force)

@@ -13,6 +13,7 @@ and reported before ``ValidationFailed`` is raised once, naming all failures.
 """
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fedge.shared.errors import ExportError
+from fedge.shared.errors import ConfigError, ExportError
 from fedge.shared.signing import Ed25519PublicKey
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,24 @@ INT8_ATOL = 1e-3
 INT8_RTOL = 0.1
 # The table status of an artifact exported with ``--no-validate``.
 NOT_VALIDATED = "not validated"
+
+
+def check_max_accuracy_drop(points: float) -> float:
+    """The gate's bar, refused unless a finite number of points in [-100, 100].
+
+    ``drop > nan`` is always False: a NaN bar would pass every artifact unchecked. A
+    negative bar is allowed (it demands a gain over PyTorch: strict, never lax).
+
+    Raises
+    ------
+    ConfigError
+        NaN, infinite, or beyond 100 points either way.
+    """
+    if not (math.isfinite(points) and -100 <= points <= 100):
+        raise ConfigError(
+            f"--max-accuracy-drop must be a number of points in [-100, 100], not {points}"
+        )
+    return points
 
 
 @dataclass(frozen=True)

@@ -187,7 +187,7 @@ def revalidate_bundle(
     """
     from fedge.edge.export.calibration import load_prepared, resolve_data_specs
     from fedge.edge.export.pipeline import ArtifactsFailed, ExportReport
-    from fedge.edge.export.validate import reference_logits
+    from fedge.edge.export.validate import check_max_accuracy_drop, reference_logits
     from fedge.shared.config import RunConfig
     from fedge.shared.ml.checkpoint import (
         load_checkpoint,
@@ -195,6 +195,7 @@ def revalidate_bundle(
         resolve_checkpoint,
     )
 
+    check_max_accuracy_drop(max_accuracy_drop)
     bundle_dir = Path(bundle_dir)
     private_key = bundle_writer.load_signing_key(signing_key)
     manifest = bundle.verify_bundle(bundle_dir, private_key.public_key())

@@ -22,7 +22,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from fedge.server.registry.devices import Device, DeviceRevoked, DeviceStore, DeviceUnknown
 from fedge.server.registry.store import Registry
-from fedge.shared.errors import ConfigError, RegistryError
+from fedge.shared.errors import ConfigError, RegistryError, SecurityError
 from fedge.shared.fleet_protocol import (
     API_PREFIX,
     CurrentVersion,
@@ -283,6 +283,15 @@ def resolve_tls(
     for path in (tls_cert, tls_key):
         if not path.is_file():
             raise ConfigError(f"TLS file {path} does not exist")
+    import ssl
+
+    try:  # what uvicorn will do; its ssl.SSLError would otherwise end in a traceback
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls_cert, tls_key)
+    except (ssl.SSLError, OSError) as e:
+        raise SecurityError(
+            f"cannot use {tls_cert} with {tls_key} for TLS: not a PEM certificate and its "
+            f"private key ({e.__class__.__name__})"
+        ) from e
     return tls_cert, tls_key
 
 
@@ -294,6 +303,10 @@ def run_registry_server(
 ) -> None:
     """Serve the registry API until interrupted (blocking; uvicorn, one process)."""
     import uvicorn
+
+    from fedge.shared.listen import check_listen_address
+
+    check_listen_address(host, port)
 
     options: dict[str, Any] = {"host": host, "port": port, "log_level": "warning"}
     if tls is not None:

@@ -110,7 +110,10 @@ _READY: set[Path] = set()  # databases whose schema this process already made su
 
 def connect(data_dir: Path) -> sqlite3.Connection:
     """Open the registry database (creating the schema); WAL lets the API read while CLI writes."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # --data-dir names a file, or a folder this user cannot write
+        raise RegistryError(f"cannot use {data_dir} as the registry: {e.strerror}") from e
     path = (data_dir / DB_NAME).resolve()
     fresh = not path.exists()
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
@@ -197,8 +200,11 @@ class Registry:
         self.statement_days = statement_days
         self.versions_dir = self.data_dir / "versions"
         self.staging_dir = self.data_dir / "staging"
-        self.versions_dir.mkdir(parents=True, exist_ok=True)
-        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.versions_dir.mkdir(parents=True, exist_ok=True)
+            self.staging_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # --data-dir names a file, or a folder this user cannot write
+            raise RegistryError(f"cannot use {self.data_dir} as the registry: {e.strerror}") from e
         with self.locked():
             self._sweep()
 

@@ -155,7 +155,8 @@ def load_images(folder: Path) -> RawData:
             try:
                 with Image.open(path) as img:
                     images.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
-            except (UnidentifiedImageError, OSError) as e:
+            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+                # DecompressionBombError: PIL's own bound on pixels; it is no OSError.
                 raise DataError(f"cannot read image {path}: {e}") from e
             labels.append(class_dir.name)
     if not images:
@@ -176,7 +177,12 @@ def load_csv(path: Path, columns: tuple[str, ...] | None, label_column: str) -> 
         raise DataError(f"cannot read CSV {path}: {e}") from e
     if not rows:
         raise DataError(f"{path} has no rows")
-    header = tuple(rows[0].keys())
+    header = tuple(k for k in rows[0] if k is not None)
+    for line, row in enumerate(rows, start=2):
+        # DictReader files a short row's missing cells as None, a long row's extra ones under
+        # the key None: either means the row does not match the header.
+        if None in row or None in row.values():
+            raise DataError(f"{path} line {line} does not have the header's {len(header)} cells")
     if label_column not in header:
         raise DataError(f"{path} has no label column {label_column!r} (columns: {header})")
     features = columns or tuple(c for c in header if c != label_column)
@@ -187,6 +193,9 @@ def load_csv(path: Path, columns: tuple[str, ...] | None, label_column: str) -> 
         x = np.asarray([[float(r[c]) for c in features] for r in rows], dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise DataError(f"{path} has a non-numeric feature value: {e}") from e
+    if not np.isfinite(x).all():
+        line = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0]) + 2
+        raise DataError(f"{path} line {line} has a missing or infinite feature value (nan/inf)")
     labels = [r[label_column] for r in rows]
     names = tuple(sorted(set(labels)))
     return RawData(x, np.asarray([names.index(lab) for lab in labels]), names)
