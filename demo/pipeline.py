@@ -1,9 +1,10 @@
 """``fedge demo``: the whole story on one machine, from pretraining to a serving device.
 
-1. Pretrain the model centrally on a small public split of ``digits``.
+1. Pretrain the model centrally on a few public ``digits`` images, a weak start that
+   leaves the federation room to learn.
 2. Start a SuperLink (TLS, SuperNode authentication) and N SuperNodes on
-   loopback, each enrolled with its own key and holding a non-IID Dirichlet
-   partition of the data.
+   loopback, each enrolled with its own key and holding a strongly label-skewed
+   Dirichlet partition of the data (each site sees mostly a few of the ten digits).
 3. Fine-tune federatedly with SecAgg+ and record-level DP (``--no-privacy``:
    the plain path), printing accuracy and epsilon after every round; then train
    each site alone and all data pooled for the same budget, and print the
@@ -29,7 +30,14 @@ from fedge.shared.config import PrivacyConfig, RunConfig
 from fedge.shared.errors import ConfigError, ExportError
 from fedge.shared.processes import ProcessGroup
 
-PRETRAIN_EPOCHS = 10  # a deliberately small start, so the federation has something to add
+PRETRAIN_EPOCHS = 10
+# The demo is built so that the question "did federating pay?" has a visible answer: the
+# public pretraining leaves room (200 of the 269 public images: about 79 % test accuracy,
+# where all 269 reach 91.6 % and the pooled sites 94 %), and each site holds mostly three to
+# five of the ten digits (Dirichlet alpha 0.1), so no site alone can learn them all. Measured
+# in process (3 rounds, DP-SGD): federated 88-89 %, best site alone 68 %, pooled 93 %.
+PRETRAIN_EXAMPLES = 200
+SITE_ALPHA = 0.1
 DEMO_MODEL = "cnn"
 
 
@@ -75,8 +83,21 @@ def demo_config(options: DemoOptions, init_weights: Path) -> RunConfig:
     )
 
 
-def pretrain(out_path: Path, console: Console) -> float:
-    """Train the demo model centrally on digits' public split; returns its test accuracy."""
+def pretrain(
+    out_path: Path, console: Console, examples: int | None = PRETRAIN_EXAMPLES
+) -> float:
+    """Train the demo model centrally on digits' public split; returns its test accuracy.
+
+    Parameters
+    ----------
+    out_path
+        Where the checkpoint is written.
+    console
+        Shows the progress bar.
+    examples
+        Train on the first ``examples`` images of the public split (the demo's weak
+        start); None: on all of it.
+    """
     import torch
     from rich.progress import Progress
 
@@ -92,11 +113,12 @@ def pretrain(out_path: Path, console: Console) -> float:
     task = task_for_run(cfg)
     model = build_run_model(cfg, task)
     public = load_data("digits:public", task)
+    x, y = public.x[:examples], public.y[:examples]
     test = load_data("digits:test", task)
     device = select_device()
-    loader = make_loader(prepare(public.x, task.preprocessing), public.y, 32, shuffle=True)
+    loader = make_loader(prepare(x, task.preprocessing), y, 32, shuffle=True)
     with Progress(console=console, transient=True) as progress:
-        bar = progress.add_task("pretraining on the public split", total=PRETRAIN_EPOCHS)
+        bar = progress.add_task(f"pretraining on {len(y)} public images", total=PRETRAIN_EPOCHS)
         for _ in range(PRETRAIN_EPOCHS):
             train(model, loader, 1, lr=0.05, device=device)
             progress.advance(bar)
@@ -107,8 +129,8 @@ def pretrain(out_path: Path, console: Console) -> float:
 
 
 def demo_site_specs(clients: int) -> list[str]:
-    """The data each demo site holds: a Dirichlet partition of digits' train pool."""
-    return [f"digits#{i}/{clients}" for i in range(clients)]
+    """The data each demo site holds: a label-skewed Dirichlet partition of digits' train pool."""
+    return [f"digits#{i}/{clients}?alpha={SITE_ALPHA:g}" for i in range(clients)]
 
 
 def _baselines(
@@ -149,12 +171,16 @@ def run_demo(options: DemoOptions, console: Console) -> dict[str, Any]:
     out = options.out.resolve()
     options = DemoOptions(out, options.clients, options.rounds, options.privacy)
     _fresh_workspace(out)
-    console.rule("[bold]1. pretrain centrally on the public split")
+    console.rule(f"[bold]1. pretrain centrally on {PRETRAIN_EXAMPLES} public images")
     pretrained = out / "pretrained.safetensors"
     pretrained_accuracy = pretrain(pretrained, console)
     console.print(f"pretrained accuracy on held-out test data: {100 * pretrained_accuracy:.1f}%")
     cfg = demo_config(options, pretrained)
-    summary: dict[str, Any] = {"pretrained_accuracy": pretrained_accuracy}
+    summary: dict[str, Any] = {
+        "pretrained_accuracy": pretrained_accuracy,
+        "pretrain_examples": PRETRAIN_EXAMPLES,
+        "site_alpha": SITE_ALPHA,
+    }
     with ProcessGroup() as group:
         run_summary, federation = _federate(cfg, options, group, console)
         summary.update(
@@ -195,7 +221,7 @@ def _federate(
     specs = demo_site_specs(options.clients)
     federation = LocalFederation(options.out, specs, group, secure=options.privacy).start()
     for name, spec in zip(federation.site_names, specs, strict=True):
-        console.print(f"  {name}: data {spec} (Dirichlet partition, alpha 0.5)")
+        console.print(f"  {name}: data {spec} (Dirichlet partition, alpha {SITE_ALPHA:g})")
     p = cfg.privacy
     detail = (
         f"SecAgg+ ({p.secagg_num_shares} shares, threshold {p.secagg_threshold}), "
