@@ -221,7 +221,7 @@ def _federate(
     specs = demo_site_specs(options.clients)
     federation = LocalFederation(options.out, specs, group, secure=options.privacy).start()
     for name, spec in zip(federation.site_names, specs, strict=True):
-        console.print(f"  {name}: data {spec} (Dirichlet partition, alpha {SITE_ALPHA:g})")
+        console.print(f"  {name}: data {spec} (a label-skewed Dirichlet partition)")
     p = cfg.privacy
     detail = (
         f"SecAgg+ ({p.secagg_num_shares} shares, threshold {p.secagg_threshold}), "
