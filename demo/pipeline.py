@@ -83,9 +83,7 @@ def demo_config(options: DemoOptions, init_weights: Path) -> RunConfig:
     )
 
 
-def pretrain(
-    out_path: Path, console: Console, examples: int | None = PRETRAIN_EXAMPLES
-) -> float:
+def pretrain(out_path: Path, console: Console, examples: int | None = PRETRAIN_EXAMPLES) -> float:
     """Train the demo model centrally on digits' public split; returns its test accuracy.
 
     Parameters
