@@ -35,7 +35,7 @@ PRETRAIN_EPOCHS = 10
 # public pretraining leaves room (200 of the 269 public images: 79.1 % test accuracy, where
 # all 269 reach 91.6 % and the pooled sites 93.3 %), and each site holds mostly three to five
 # of the ten digits (Dirichlet alpha 0.1), so no site alone can learn them all. Measured by
-# three runs of `fedge demo` (3 sites, 3 rounds, DP-SGD): federated 87.7-88.9 %, best site
+# four runs of `fedge demo` (3 sites, 3 rounds, DP-SGD): federated 87.7-88.9 %, best site
 # alone 68.2 % (docs/getting-started.md).
 PRETRAIN_EXAMPLES = 200
 SITE_ALPHA = 0.1
