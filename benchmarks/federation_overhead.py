@@ -9,8 +9,15 @@ Runs, in one go and side by side:
   the SuperNode's hard-coded 3 s idle poll;
 - ``fedge-warm-3s-poll``: fedge's forking SuperExec (``fedge.client.warm_executor``,
   data cached per process) with Flower's 3 s idle poll;
-- ``fedge-warm``: the same with the SuperNode's idle poll capped at 0.2 s
-  (``fedge.shared.ml.flower_compat.shorten_supernode_polls``), what the demo and tests run.
+- ``fedge-warm-all-cores``: as ``fedge-warm`` below, but every site's torch uses all
+  cores (torch's default), as before ``LocalFederation`` split them between the sites;
+- ``fedge-warm``: the warm executor with the SuperNode's idle poll capped at 0.2 s
+  (``fedge.shared.ml.flower_compat.shorten_supernode_polls``) and the cores split between
+  the sites, what the demo and tests run.
+
+Every setting runs on ``LocalFederation`` with fedge's SuperNode process and ServerApp, so
+all of them have fedge's short object-pull retries (``shorten_object_pull_backoff``) and
+the ServerApp's 0.2 s reply poll; ``flower-default`` differs from plain Flower there.
 
 Prints each round's median wall time and its ratio to ``local``, then for each
 fedge setting a per-stage breakdown of a round (push, push + SuperNode pickup,
@@ -23,6 +30,7 @@ run's metrics. Ratios, not absolute times: these machines are shared.
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -32,7 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedge.demo.loopback import LocalFederation
+from fedge.demo.loopback import LocalFederation, threads_per_site
 from fedge.shared.atomic import read_jsonl
 from fedge.shared.config import RunConfig
 from fedge.shared.processes import ProcessGroup
@@ -51,11 +59,14 @@ class Setting:
     name: str
     warm: bool
     idle_poll: float
+    threads: int = 0  # torch threads per site; 0: the cores split between the sites
 
 
 SETTINGS = [
     Setting("flower-default", warm=False, idle_poll=3.0),
     Setting("fedge-warm-3s-poll", warm=True, idle_poll=3.0),
+    # Every site with torch's default of one thread per core, as before fedge split them.
+    Setting("fedge-warm-all-cores", warm=True, idle_poll=0.2, threads=threads_per_site(1)),
     Setting("fedge-warm", warm=True, idle_poll=0.2),
 ]
 
@@ -78,7 +89,13 @@ def run_federation(cfg: RunConfig, work: Path, setting: Setting) -> Path:
     """Run ``cfg`` on a fresh loopback federation; return its work directory."""
     with ProcessGroup() as group:
         federation = LocalFederation(
-            work, SITES, group, secure=False, warm=setting.warm, idle_poll=setting.idle_poll
+            work,
+            SITES,
+            group,
+            secure=False,
+            warm=setting.warm,
+            idle_poll=setting.idle_poll,
+            threads=setting.threads,
         ).start()
         federation.submit(cfg.replace(run_dir=str(work / "run")))
     return work
@@ -155,6 +172,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="Keep the federations' logs in this folder.")
     args = parser.parse_args()
     cfg = RunConfig(num_rounds=args.rounds, min_clients=2, federated_eval=False, server_eval=False)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp:
         root = args.keep or Path(tmp)
         local = local_round_seconds(cfg, repeats=3)
@@ -168,10 +186,15 @@ def main() -> None:
                 stages[setting.name] = breakdown(work)
         local = min(local, local_round_seconds(cfg, repeats=3))  # shared machine: less disturbed
     fresh = import_seconds()
-    print(f"{'setting':<20}{'round (s)':>10}{'vs local':>10}")
-    print(f"{'local':<20}{local:>10.2f}{1.0:>10.2f}")
+    load_after = os.getloadavg()
+    print(
+        f"load average (1, 5, 15 min): before {', '.join(f'{x:.2f}' for x in load_before)}; "
+        f"after {', '.join(f'{x:.2f}' for x in load_after)}; cores {threads_per_site(1)}"
+    )
+    print(f"{'setting':<22}{'round (s)':>10}{'vs local':>10}")
+    print(f"{'local':<22}{local:>10.2f}{1.0:>10.2f}")
     for name, seconds in rounds.items():
-        print(f"{name:<20}{seconds:>10.2f}{seconds / local:>10.2f}")
+        print(f"{name:<22}{seconds:>10.2f}{seconds / local:>10.2f}")
     print(
         f"fresh ClientApp start-up (interpreter + torch + fedge): {fresh:.2f}s "
         f"= {fresh / local:.2f}x the local round"
@@ -180,12 +203,12 @@ def main() -> None:
     print(f"fedge-warm speed-up over Flower's default: {speed_up:.2f}x")
     print("\nper-stage breakdown of a round, mean seconds over rounds 2.. and sites:")
     names = list(stages)
-    print(f"{'stage':<18}" + "".join(f"{n:>20}" for n in names))
+    print(f"{'stage':<18}" + "".join(f"{n:>22}" for n in names))
     for stage in STAGES:
         cells = [stages[n].get(stage) for n in names]
         print(
             f"{stage:<18}"
-            + "".join(f"{c:>20.2f}" if c is not None else f"{'-':>20}" for c in cells)
+            + "".join(f"{c:>22.2f}" if c is not None else f"{'-':>22}" for c in cells)
         )
 
 

@@ -48,6 +48,10 @@ class SuperNodeSpec:
     idle_poll: float = 1.0
     policy: Path | None = None  # the site's privacy policy (TOML); None: accept any run
     ledger: Path | None = None  # the site's privacy ledger; None: no lifetime accounting
+    # torch's CPU threads in each ClientApp; 0: torch's default, one per core. Sites that
+    # share a machine should split its cores (``LocalFederation`` does): OpenMP threads of
+    # several sites spinning on the same cores slowed a tiny round (see docs/flower-seam.md).
+    threads: int = 0
 
     @property
     def log_path(self) -> Path:
@@ -111,6 +115,21 @@ def _flower_args(spec: SuperNodeSpec, port: int) -> list[str]:
     return command
 
 
+def supernode_environment(spec: SuperNodeSpec) -> dict[str, str]:
+    """The SuperNode's environment; its executor and ClientApps inherit it.
+
+    ``spec.threads`` becomes ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, which torch reads
+    when it starts: Flower's own ``flwr-clientapp`` processes and fedge's forked tasks
+    alike (the warm executor runs no parallel region before it forks).
+    """
+    if spec.threads < 0:
+        raise ValueError(f"threads must be 0 (torch's default) or more, not {spec.threads}")
+    extra = {}
+    if spec.threads:
+        extra = {name: str(spec.threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    return child_environment(extra)
+
+
 def start_supernode(
     spec: SuperNodeSpec, group: ProcessGroup | None = None
 ) -> subprocess.Popen[bytes]:
@@ -126,9 +145,10 @@ def start_supernode(
         log.warning("site %s: Flower's default executor, the app package is NOT checked", spec.site)
     command = supernode_command(spec, port)
     name = f"supernode {spec.site}"
+    env = supernode_environment(spec)
     if group is not None:
-        return group.start(name, command, spec.log_path, child_environment())
-    return spawn(command, spec.log_path, child_environment())
+        return group.start(name, command, spec.log_path, env)
+    return spawn(command, spec.log_path, env)
 
 
 def _start_executor(runtime_api_address: str) -> subprocess.Popen[bytes]:
@@ -188,9 +208,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("flower_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
-    from fedge.shared.ml.flower_compat import run_supernode, shorten_supernode_polls
+    from fedge.shared.ml.flower_compat import (
+        run_supernode,
+        shorten_object_pull_backoff,
+        shorten_supernode_polls,
+    )
 
     shorten_supernode_polls(args.idle_poll)
+    # The message's objects, pulled from the SuperLink: retried as often as the idle poll.
+    shorten_object_pull_backoff(args.idle_poll, "supernode")
     _timestamp_message_lines()
     if args.warm_executor:
         _stop_when_executor_dies(_start_executor(args.warm_executor))

@@ -84,11 +84,22 @@ def watch_parent(parent_pid: int, on_gone: Any) -> None:
 
 
 def _preimport() -> None:
-    """Import what every ClientApp of fedge needs, before any fork."""
+    """Import what every ClientApp of fedge needs, before any fork.
+
+    Includes what torch imports lazily on a task's first training step: creating an
+    optimizer imports ``torch._dynamo`` (``torch._compile._disable_dynamo``), about 1 s on
+    these machines, which every forked task paid again inside its "training" stage. Only
+    imports and a throwaway optimizer on a one-element tensor: nothing here runs a
+    parallel (OpenMP) region, whose thread pool a forked child could not use.
+    """
+    import torch
+    import torch._dynamo
+
     import fedge.client.app
     import fedge.client.site
     import fedge.shared.ml.partition  # noqa: F401
 
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
     with contextlib.suppress(ImportError):
         import datasets  # noqa: F401  (flwr-datasets' partitioners)
         import flwr_datasets.partitioner  # noqa: F401
@@ -232,7 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     from fedge.client.app_trust import guard_clientapp_installs
 
     guard_clientapp_installs()  # every task's FAB is checked before it is installed
-    from fedge.shared.ml.flower_compat import run_superexec_with
+    from fedge.shared.ml.flower_compat import run_superexec_with, shorten_object_pull_backoff
+
+    # A task starts before its SuperNode has all of the message's objects: it asks again
+    # (over loopback, cheaply) within the task poll, not after Flower's 1 s + 2 s.
+    shorten_object_pull_backoff(args.task_poll, "clientapp")
 
     def make_executor() -> ForkExecutor:
         executors.append(ForkExecutor())

@@ -7,6 +7,7 @@ CA), only with every folder under one work directory.
 """
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,12 @@ from fedge.shared.tls import TLSFiles
 log = logging.getLogger(__name__)
 
 
+def threads_per_site(sites: int) -> int:
+    """This machine's cores (those this process may use) split evenly between ``sites``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, sites))
+
+
 @dataclass
 class LocalFederation:
     """Start with ``start()``; everything runs inside ``group`` and stops with it."""
@@ -29,6 +36,9 @@ class LocalFederation:
     secure: bool = True
     warm: bool = True
     idle_poll: float = 0.2  # on loopback a SuperNode may ask for work often (Flower: 3 s)
+    # torch threads per site; 0: this machine's cores split evenly between the sites, which
+    # all train at once on them (see ``SuperNodeSpec.threads``).
+    threads: int = 0
     site_names: list[str] = field(default_factory=list)
     # Folders besides work_dir where runs may write and read (fedge.server.run_paths).
     run_roots: tuple[Path, ...] = ()
@@ -88,6 +98,7 @@ class LocalFederation:
             private_key=key,
             warm=self.warm,
             idle_poll=self.idle_poll,
+            threads=self.threads or threads_per_site(len(self.data_specs)),
             # Each site's own policy and privacy ledger, in its folder (as `fedge client start`).
             policy=self.work_dir / "sites" / name / "policy.toml",
             ledger=self.work_dir / "sites" / name / "privacy-ledger.json",

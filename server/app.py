@@ -24,6 +24,8 @@ from fedge.shared.errors import FedgeError
 
 log = logging.getLogger(__name__)
 app = ServerApp()
+# How often the ServerApp asks the SuperLink for replies (Flower's Grid: every 3 s).
+REPLY_POLL_S = 0.2
 
 
 def weighted_average(results: list[tuple[int, Metrics]]) -> Metrics:
@@ -49,7 +51,7 @@ class PromptGrid(Grid):
     Each exchange is reported as an ``exchange`` event (the round's stage timings).
     """
 
-    def __init__(self, grid: Grid, interval: float = 0.2) -> None:
+    def __init__(self, grid: Grid, interval: float = REPLY_POLL_S) -> None:
         from fedge.shared.ml.flower_compat import check_grid_subclass
 
         check_grid_subclass(type(self))
@@ -155,7 +157,12 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from fedge.shared.ml.flower_compat import shorten_object_pull_backoff
+
     try:
+        # A reply is announced before all its objects are in the SuperLink: the Grid pulls
+        # them again within the reply poll, not after Flower's 1 s (this process only).
+        shorten_object_pull_backoff(REPLY_POLL_S, "serverapp")
         run_federation(grid, context)
     except FedgeError as e:
         # The user's mistake (a missing weights file, a run dir in use, ...): tell

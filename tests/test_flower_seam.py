@@ -5,6 +5,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import flwr
 import pytest
@@ -143,5 +144,108 @@ def test_the_warm_executor_fails_loudly_when_the_check_fails(
 def test_the_compat_module_documents_every_internal_it_touches() -> None:
     doc = flower_compat.__doc__ or ""
     source = Path(flower_compat.__file__).read_text()
-    for internal in ("get_executor", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "start_client_internal"):
+    internals = (
+        "get_executor",
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL",
+        "start_client_internal",
+        "install_from_fab",
+        "pull_objects",
+        "pull_and_inflate_object_from_tree",
+    )
+    for internal in internals:
         assert internal in doc and internal in source
+
+
+def test_a_forked_task_imports_nothing_the_warm_executor_could_have_imported() -> None:
+    """A task forked from the warm executor trains and evaluates without importing a module.
+
+    Each import in a forked task is paid again by every task: creating an optimizer lazily
+    imports ``torch._dynamo`` (about 1 s here), which once made a tiny round's training
+    stage ten times the training itself. Data is loaded first, as the executor's cache does.
+    """
+    code = textwrap.dedent(
+        """
+        import sys
+        from fedge.client.warm_executor import _preimport
+        _preimport()
+        from fedge.client.site import Site, site_data
+        from fedge.shared.config import RunConfig
+        cfg = RunConfig(num_rounds=1, min_clients=2, federated_eval=False, server_eval=False)
+        site_data(cfg, "digits#0/2", "label")  # the executor caches the site's data
+        before = set(sys.modules)
+        site = Site(cfg, {"data": "digits#0/2", "site": "s0"})
+        site.fit(site.get_parameters(), {})
+        site.evaluate(site.get_parameters(), {})
+        print("NEW", sorted(set(sys.modules) - before))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "NEW []" in done.stdout, done.stdout[-2000:]
+
+
+@pytest.fixture
+def pull_functions(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Flower's two pull functions, restored after the test (the cap is process-wide)."""
+    import flwr.supercore.inflatable.inflatable_utils as utils
+
+    funcs = [utils.pull_objects, utils.pull_and_inflate_object_from_tree]
+    for func in funcs:
+        monkeypatch.setattr(func, "__kwdefaults__", dict(func.__kwdefaults__ or {}))
+        monkeypatch.setattr(func, "fedge_backoff_cap", None, raising=False)
+        monkeypatch.delattr(func, "fedge_backoff_cap")
+    return funcs
+
+
+@pytest.mark.parametrize("caller", ["supernode", "clientapp", "serverapp"])
+def test_object_pulls_are_retried_within_the_cap(pull_functions: list[Any], caller: str) -> None:
+    import inspect
+
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_objects
+
+    flower_compat.shorten_object_pull_backoff(0.2, caller)
+    flower_compat.shorten_object_pull_backoff(0.2, caller)  # again: same settings
+    for func in pull_functions:
+        params = inspect.signature(func).parameters
+        assert params["initial_backoff"].default == 0.05
+        assert params["backoff_cap"].default == 0.2
+        assert params["max_tries_per_object"].default is None  # bounded by max_time (2 h)
+        assert params["max_time"].default == 7200
+    asked: list[str] = []
+
+    def pull(object_id: str) -> bytes:  # not there for the first two asks, as in a race
+        asked.append(object_id)
+        if len(asked) < 3:
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    assert pull_objects(["a" * 64], pull) == {"a" * 64: b"content"}
+    assert len(asked) == 3
+
+
+def test_changed_pull_settings_are_refused(
+    pull_functions: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    func = pull_functions[0]
+    monkeypatch.setitem(func.__kwdefaults__, "initial_backoff", 2)
+    with pytest.raises(RunError, match="pull_objects no longer has Flower's retry settings"):
+        flower_compat.shorten_object_pull_backoff(0.2, "supernode")
+
+
+def test_a_caller_that_no_longer_pulls_through_flower_s_function_is_refused(
+    pull_functions: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flwr.supernode.runtime.run_clientapp as runner
+
+    def pull_task_input(_client: object) -> None:
+        return None  # pulls some other way
+
+    monkeypatch.setattr(runner, "pull_task_input", pull_task_input)
+    with pytest.raises(RunError, match="no longer uses pull_and_inflate_object_from_tree"):
+        flower_compat.shorten_object_pull_backoff(0.2, "clientapp")
+    monkeypatch.undo()
+    import flwr.superlink.grid.http_grid as http_grid
+
+    monkeypatch.setattr(http_grid, "pull_objects", lambda *a, **k: {})
+    with pytest.raises(RunError, match=r"http_grid\.pull_objects is not"):
+        flower_compat.shorten_object_pull_backoff(0.2, "serverapp")

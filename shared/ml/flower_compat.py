@@ -1,6 +1,6 @@
 """Every use of Flower's private internals, in one place, each checked before it is used.
 
-fedge speeds up and hardens Flower 1.42 at three points Flower offers no public
+fedge speeds up and hardens Flower 1.42 at five points Flower offers no public
 hook for. Each one is guarded here: the installed flwr must be a tested version,
 and every attribute fedge replaces or relies on must exist *and be the one Flower
 actually uses* (checked on the bytecode of the function that uses it). If a check
@@ -43,6 +43,17 @@ Why each internal is used (see also ``docs/flower-seam.md``):
    installed first (``fedge.client.app_trust``). Flower's own ``--trusted-entities``
    cannot do this for FABs submitted to an open-source SuperLink (their
    verifications are always empty), so this is the only point before the code runs.
+5. The keyword defaults of ``flwr.supercore.inflatable.inflatable_utils.pull_objects``
+   and ``pull_and_inflate_object_from_tree`` (in the SuperNode, the warm executor and
+   its tasks, and the ServerApp process; each its own process). A message is announced
+   before its objects are stored, so the SuperNode (pulling from the SuperLink), a
+   ClientApp (from its SuperNode) and the ServerApp (a reply, from the SuperLink)
+   often ask too early; Flower then waits 1 s, then 2 s, before asking again.
+   Measured, these waits were most of a tiny round's ClientApp start and reply
+   stages. fedge retries after 0.05 s, doubling up to the same cap as its polls,
+   and bounds a pull by Flower's 2 h ``max_time`` instead of 500 tries. No public
+   option sets them; the guard checks Flower's values and that each caller still
+   pulls through these functions.
 
 The Grid wrapper of the ServerApp (``fedge.server.app.PromptGrid``) uses only the
 public ``flwr.server.Grid`` interface; ``check_grid_subclass`` makes sure it still
@@ -352,3 +363,81 @@ def wrap_fab_install(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -
         wrapped = wrap(original)
         wrapped.fedge_wrapped = True  # type: ignore[attr-defined]
         setattr(module, "install_from_fab", wrapped)  # noqa: B010  (a module global)
+
+
+# -- 5: the retry backoff of object pulls --------------------------------------------------
+
+_INFLATABLE_MODULE = "flwr.supercore.inflatable.inflatable_utils"
+_PULL_FUNCTIONS = ("pull_objects", "pull_and_inflate_object_from_tree")
+# Flower's defaults of both functions (flwr.supercore.constant): 1 s, doubling up to 10 s,
+# at most 500 tries per object.
+_PULL_DEFAULTS = {"initial_backoff": 1, "backoff_cap": 10, "max_tries_per_object": 500}
+# Who pulls what, per process (module, function that calls it, the pull function it calls).
+PULL_CALLERS = {
+    "supernode": (_SUPERNODE_MODULE, "_pull_and_store_message", "pull_objects"),
+    "clientapp": (_CLIENTAPP_RUNNER_MODULE, "pull_task_input", "pull_and_inflate_object_from_tree"),
+    "serverapp": ("flwr.superlink.grid.http_grid", "HttpGrid.pull_messages", "pull_objects"),
+}
+# The first retry; later ones double up to the cap.
+_FIRST_RETRY_S = 0.05
+
+
+def _kw_only_defaults(func: Any) -> dict[str, Any]:
+    return dict(getattr(func, "__kwdefaults__", None) or {})
+
+
+def shorten_object_pull_backoff(cap: float, caller: str) -> None:
+    """Retry a not-yet-available object after 0.05 s, doubling up to ``cap`` (Flower: 1 s..10 s).
+
+    A message travels as a head announcing its objects, then the objects. The party
+    that pulls (``caller``: the SuperNode from the SuperLink, a ClientApp from its
+    SuperNode, the ServerApp from the SuperLink) often asks before the last object is
+    in, and Flower then waits a whole second before asking again, then two: measured,
+    these waits were most of a tiny round's "clientapp start" and "reply" stages. The
+    cap applies in this process only, to both of Flower's pull functions. The limit
+    on a pull becomes its time (Flower's ``max_time``, 2 h) instead of 500 tries,
+    which at a short cap would give up on a large model behind a slow link.
+
+    Raises
+    ------
+    RunError
+        The pull functions lost these settings, or ``caller``'s code no longer pulls
+        through them.
+    """
+    check_version()
+    if not 0.01 <= cap <= 10:
+        raise ValueError(f"object pull backoff cap {cap} s is outside 0.01..10")
+    module_name, function, pull_name = PULL_CALLERS[caller]
+    utils = _module(_INFLATABLE_MODULE)
+    caller_module = _module(module_name)
+    owner: Any = caller_module
+    *path, name = function.split(".")
+    for part in path:
+        owner = getattr(owner, part, None)
+    _require_function_using_obj(owner, module_name, name, [pull_name])
+    if getattr(caller_module, pull_name, None) is not getattr(utils, pull_name, None):
+        raise _fail(f"{module_name}.{pull_name} is not {_INFLATABLE_MODULE}.{pull_name}")
+    for pull in _PULL_FUNCTIONS:
+        func = getattr(utils, pull, None)
+        defaults = _kw_only_defaults(func)
+        flowers = all(defaults.get(key) == value for key, value in _PULL_DEFAULTS.items())
+        if not callable(func) or not (flowers or hasattr(func, "fedge_backoff_cap")):
+            raise _fail(f"{_INFLATABLE_MODULE}.{pull} no longer has Flower's retry settings")
+    for pull in _PULL_FUNCTIONS:
+        func = getattr(utils, pull)
+        defaults = _kw_only_defaults(func)
+        defaults.update(
+            initial_backoff=min(_FIRST_RETRY_S, cap), backoff_cap=cap, max_tries_per_object=None
+        )
+        func.__kwdefaults__ = defaults
+        func.fedge_backoff_cap = cap
+
+
+def _require_function_using_obj(owner: Any, where: str, name: str, names: Iterable[str]) -> None:
+    """``owner.name`` (a module's function or a class's method) looks up each of ``names``."""
+    func = getattr(owner, name, None)
+    if not callable(func) or not hasattr(func, "__code__"):
+        raise _fail(f"{where}.{name} is gone")
+    missing = set(names) - _code_names(func.__code__)
+    if missing:
+        raise _fail(f"{where}.{name} no longer uses {', '.join(sorted(missing))}")
