@@ -249,3 +249,16 @@ def test_a_caller_that_no_longer_pulls_through_flower_s_function_is_refused(
     monkeypatch.setattr(http_grid, "pull_objects", lambda *a, **k: {})
     with pytest.raises(RunError, match=r"http_grid\.pull_objects is not"):
         flower_compat.shorten_object_pull_backoff(0.2, "serverapp")
+
+
+def test_a_caller_that_passes_its_own_retry_settings_is_refused(
+    pull_functions: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flwr.supernode.start_client_internal as module
+
+    def _pull_and_store_message(**_kwargs: object) -> None:
+        module.pull_objects([], lambda _id: b"", initial_backoff=1)
+
+    monkeypatch.setattr(module, "_pull_and_store_message", _pull_and_store_message)
+    with pytest.raises(RunError, match="passes its own initial_backoff"):
+        flower_compat.shorten_object_pull_backoff(0.2, "supernode")

@@ -441,3 +441,9 @@ def _require_function_using_obj(owner: Any, where: str, name: str, names: Iterab
     missing = set(names) - _code_names(func.__code__)
     if missing:
         raise _fail(f"{where}.{name} no longer uses {', '.join(sorted(missing))}")
+    # Keyword names of its calls are tuples of strings among the code's constants: a caller
+    # that passes its own retry settings would leave fedge's defaults unused.
+    keywords = {word for c in _code_consts(func.__code__) if isinstance(c, tuple) for word in c}
+    passed = keywords & {"initial_backoff", "backoff_cap"}
+    if passed:
+        raise _fail(f"{where}.{name} passes its own {', '.join(sorted(passed))}")
