@@ -223,7 +223,7 @@ def run_config(
     strategy: str,
     mode: str,
     seed: int = 0,
-    batchnorm_stats: str = "train",
+    batchnorm_stats: str = "auto",
 ) -> RunConfig:
     sampled = min(args.sampled or args.sites, args.sites)
     return RunConfig(
@@ -278,9 +278,9 @@ def main() -> None:
     parser.add_argument(
         "--batchnorm-stats",
         nargs="+",
-        default=["train"],
+        default=["auto"],
         choices=BATCHNORM_STATS,
-        help="fedge's batchnorm-stats, sites and baselines alike (BatchNorm models only).",
+        help="fedge's batchnorm-stats (default auto), sites and baselines alike.",
     )
     parser.add_argument(
         "--no-local",

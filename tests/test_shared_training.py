@@ -219,9 +219,9 @@ def test_frozen_batchnorm_stats_keep_running_statistics_while_everything_trains(
 def test_batchnorm_stats_config_resolves_per_mode_and_init_weights() -> None:
     from fedge.shared.errors import ConfigError
 
-    assert not RunConfig().freezes_batchnorm_stats()  # "train": PyTorch's behaviour
-    auto = RunConfig(batchnorm_stats="auto", init_weights="w.safetensors")
-    assert auto.freezes_batchnorm_stats()
+    assert not RunConfig(batchnorm_stats="train").freezes_batchnorm_stats()  # PyTorch's way
+    auto = RunConfig(init_weights="w.safetensors")  # the default: "auto"
+    assert auto.batchnorm_stats == "auto" and auto.freezes_batchnorm_stats()
     assert not auto.replace(init_weights="").freezes_batchnorm_stats()  # from scratch
     assert not auto.replace(mode="lora").freezes_batchnorm_stats()  # backbone frozen anyway
     assert RunConfig(batchnorm_stats="frozen").freezes_batchnorm_stats()
