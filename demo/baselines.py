@@ -126,10 +126,10 @@ def centralized_vs_local(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        local = {name: trained(d.x_train, d.y_train) for name, d in data.items()} if local else {}
+        alone = {name: trained(d.x_train, d.y_train) for name, d in data.items()} if local else {}
         pooled_x = np.concatenate([d.x_train for d in data.values()])
         pooled_y = np.concatenate([d.y_train for d in data.values()])
-        return Baselines(local, trained(pooled_x, pooled_y), budget)
+        return Baselines(alone, trained(pooled_x, pooled_y), budget)
     finally:
         torch.set_num_threads(before)
 
