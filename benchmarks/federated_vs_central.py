@@ -12,7 +12,15 @@ Prints, per setting, the accuracies, federated / centralised and federated / mea
 local-only, the bytes one site sends per round, seconds per round and the peak memory of
 the whole process tree (this process, Ray and its workers).
 
+``--seeds 0 1 2`` repeats every setting once per seed and then prints the mean and the
+range (min-max) over seeds. A seed fixes the backbone's pretraining (its initial weights
+and batch order), the Dirichlet split of the sites (partition seed 42 + seed), each site's
+local train/eval split and batch order (the run's ``seed``), the server's initial model
+(LoRA adapters) and the sampling of sites; seed 0 is the benchmark's single run of before.
+
     python benchmarks/federated_vs_central.py                      # 10 sites, the full grid
+    python benchmarks/federated_vs_central.py --alphas 0.5 --strategies fedavgm --modes head \\
+        --batch-size 8 --server-momentum 0.95 --seeds 0 1 2
     python benchmarks/federated_vs_central.py --alphas 0.5 --strategies fedavg --modes lora
     python benchmarks/federated_vs_central.py --sites 1000 --sampled 10 --rounds 2  # scale
     python benchmarks/federated_vs_central.py --alphas 0.5 --model mobilenet_v3_small \\
@@ -30,6 +38,8 @@ import argparse
 import json
 import logging
 import os
+import random
+import statistics
 import tempfile
 import threading
 import time
@@ -41,7 +51,8 @@ from typing import Any
 from fedge.demo.baselines import Baselines, centralized_vs_local
 from fedge.shared import records
 from fedge.shared.atomic import read_jsonl
-from fedge.shared.config import RunConfig
+from fedge.shared.config import BATCHNORM_STATS, RunConfig
+from fedge.shared.ml.partition import PARTITION_SEED
 
 MAX_PARTITIONS = 100  # digits' train pool has 1,169 examples: ~12 per partition at most
 
@@ -92,7 +103,7 @@ class PeakMemory:
         self._thread.join()
 
 
-def pretrain_backbone(model: str, epochs: int, out: Path) -> float:
+def pretrain_backbone(model: str, epochs: int, out: Path, seed: int = 0) -> float:
     """Train ``model`` centrally on digits' public split (the 'pretrained backbone')."""
     import torch
 
@@ -103,23 +114,25 @@ def pretrain_backbone(model: str, epochs: int, out: Path) -> float:
     from fedge.shared.ml.training import evaluate, make_loader, train
     from fedge.shared.preprocess import prepare
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = RunConfig(task="digits", model=model)
     task = task_for_run(cfg)
     net = build_run_model(cfg, task)
     public, test = load_data("digits:public", task), load_data("digits:test", task)
     device = select_device()
-    loader = make_loader(prepare(public.x, task.preprocessing), public.y, 32, shuffle=True)
+    loader = make_loader(
+        prepare(public.x, task.preprocessing), public.y, 32, shuffle=True, seed=seed
+    )
     train(net, loader, epochs, lr=0.05, device=device)
     test_loader = make_loader(prepare(test.x, task.preprocessing), test.y, 256, shuffle=False)
     save_checkpoint(out, net.state_dict(), 0, model, task, cfg.to_flower())
     return evaluate(net, test_loader, device).accuracy
 
 
-def site_spec(partition: int, sites: int, alpha: float) -> str:
+def site_spec(partition: int, sites: int, alpha: float, seed: int = 0) -> str:
     """The data simulated site ``partition`` holds (shared partitions past 100 sites)."""
     parts = min(sites, MAX_PARTITIONS)
-    return f"digits#{partition % parts}/{parts}?alpha={alpha:g}"
+    return f"digits#{partition % parts}/{parts}?alpha={alpha:g}&seed={PARTITION_SEED + seed}"
 
 
 def simulate(runs: list[tuple[RunConfig, float]], sites: int, work: Path) -> list[SimResult]:
@@ -145,7 +158,9 @@ def simulate(runs: list[tuple[RunConfig, float]], sites: int, work: Path) -> lis
         now = json.loads(current.read_text(encoding="utf-8"))
         node = dict(context.node_config)
         partition = int(node["partition-id"])
-        node[records.NODE_DATA] = site_spec(partition, sites, float(now["alpha"]))
+        node[records.NODE_DATA] = site_spec(
+            partition, sites, float(now["alpha"]), int(now["config"]["seed"])
+        )
         node[records.NODE_SITE] = f"site-{partition + 1}"
         view = SimpleNamespace(run_config=now["config"], node_config=node, run_id=context.run_id)
         return client_module.SiteClient(view).to_client()
@@ -156,14 +171,26 @@ def simulate(runs: list[tuple[RunConfig, float]], sites: int, work: Path) -> lis
 
     @server.main()
     def _main(grid: Any, context: Any) -> None:
+        import numpy as np
+        import torch
+
         for cfg, alpha in runs:
             flat = cfg.to_flower()
             atomic_write_json(current, {"config": flat, "alpha": alpha})
             context.run_config = dict(flat)
             memory.peak = 0
+            # The server's initial model (LoRA adapters) and Flower's sampling of sites
+            # (``random.sample``) follow the seed.
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
             summary = run_federation(grid, context)
             results.append(_sim_result(cfg, summary, memory.peak))
-            print(f"  {cfg.strategy}/{cfg.mode} alpha {alpha:g}: {summary['final_accuracy']:.3f}")
+            print(
+                f"  seed {cfg.seed} {cfg.strategy}/{cfg.mode} bn {cfg.batchnorm_stats} "
+                f"alpha {alpha:g}: {summary['final_accuracy']:.3f}",
+                flush=True,
+            )
 
     with memory:
         run_simulation(
@@ -179,8 +206,6 @@ def simulate(runs: list[tuple[RunConfig, float]], sites: int, work: Path) -> lis
 
 def _sim_result(cfg: RunConfig, summary: dict[str, Any], peak: int) -> SimResult:
     """Accuracy, median seconds per round and bytes per site update, from the run's files."""
-    import statistics
-
     rows = read_jsonl(Path(cfg.run_dir) / "metrics.jsonl")
     updates = sum(len(r.get("clients", [])) for r in rows) or 1
     return SimResult(
@@ -192,7 +217,14 @@ def _sim_result(cfg: RunConfig, summary: dict[str, Any], peak: int) -> SimResult
     )
 
 
-def run_config(args: argparse.Namespace, weights: Path, strategy: str, mode: str) -> RunConfig:
+def run_config(
+    args: argparse.Namespace,
+    weights: Path,
+    strategy: str,
+    mode: str,
+    seed: int = 0,
+    batchnorm_stats: str = "auto",
+) -> RunConfig:
     sampled = min(args.sampled or args.sites, args.sites)
     return RunConfig(
         task="digits",
@@ -210,7 +242,9 @@ def run_config(args: argparse.Namespace, weights: Path, strategy: str, mode: str
         server_momentum=args.server_momentum,
         server_momentum_lr=args.server_momentum_lr,
         lora_rank=args.lora_rank,
-        lora_alpha=2 * args.lora_rank,
+        lora_alpha=args.lora_alpha or 2 * args.lora_rank,
+        batchnorm_stats=batchnorm_stats,
+        seed=seed,
         min_clients=sampled,
         fraction_train=sampled / args.sites,
         federated_eval=False,
@@ -239,6 +273,20 @@ def main() -> None:
         "--server-momentum-lr", type=float, default=1.0, help="FedAvgM's server lr."
     )
     parser.add_argument("--lora-rank", type=int, default=4)
+    parser.add_argument("--lora-alpha", type=int, default=0, help="0: twice the rank.")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="One run per seed.")
+    parser.add_argument(
+        "--batchnorm-stats",
+        nargs="+",
+        default=["auto"],
+        choices=BATCHNORM_STATS,
+        help="fedge's batchnorm-stats (default auto), sites and baselines alike.",
+    )
+    parser.add_argument(
+        "--no-local",
+        action="store_true",
+        help="Skip the local-only baselines (one model per site): centralised only.",
+    )
     parser.add_argument("--json", type=Path, help="Also write the rows to this file.")
     parser.add_argument(
         "--threads",
@@ -257,31 +305,48 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fedge-fvc-") as tmp:
         work = Path(tmp)
-        weights = work / "pretrained.safetensors"
-        pretrained = pretrain_backbone(args.model, args.pretrain_epochs, weights)
-        print(f"pretrained {args.model} on the public split: {100 * pretrained:.1f}% test accuracy")
-        settings: list[tuple[float, str, str]] = []
+        settings: list[tuple[int, float, str, str, str]] = []
         runs: list[tuple[RunConfig, float]] = []
-        baselines: dict[tuple[float, str], Baselines] = {}
-        for alpha in args.alphas:
-            sites = {f"site-{i + 1}": site_spec(i, args.sites, alpha) for i in range(args.sites)}
-            for mode in args.modes:
-                if not scale:  # the same for every strategy: one recipe, one budget
-                    base = run_config(args, weights, "fedavg", mode)
-                    baselines[alpha, mode] = centralized_vs_local(base, sites)
-                for strategy in args.strategies:
-                    run_dir = str(work / f"a{alpha:g}-{strategy}-{mode}")
-                    cfg = run_config(args, weights, strategy, mode).replace(run_dir=run_dir)
-                    settings.append((alpha, strategy, mode))
-                    runs.append((cfg, alpha))
+        baselines: dict[tuple[int, float, str, str], Baselines] = {}
+        pretrained: dict[int, float] = {}
+        for seed in args.seeds:
+            weights = work / f"pretrained-{seed}.safetensors"
+            pretrained[seed] = pretrain_backbone(args.model, args.pretrain_epochs, weights, seed)
+            print(
+                f"seed {seed}: pretrained {args.model} on the public split: "
+                f"{100 * pretrained[seed]:.1f}% test accuracy",
+                flush=True,
+            )
+            for alpha in args.alphas:
+                sites = {
+                    f"site-{i + 1}": site_spec(i, args.sites, alpha, seed)
+                    for i in range(args.sites)
+                }
+                for mode in args.modes:
+                    for bn in args.batchnorm_stats:
+                        if not scale:  # the same for every strategy: one recipe, one budget
+                            base = run_config(args, weights, "fedavg", mode, seed, bn)
+                            baselines[seed, alpha, mode, bn] = centralized_vs_local(
+                                base, sites, local=not args.no_local
+                            )
+                        for strategy in args.strategies:
+                            name = f"s{seed}-a{alpha:g}-{strategy}-{mode}-{bn}"
+                            cfg = run_config(args, weights, strategy, mode, seed, bn)
+                            settings.append((seed, alpha, strategy, mode, bn))
+                            runs.append((cfg.replace(run_dir=str(work / name)), alpha))
         started = time.perf_counter()
         sims = simulate(runs, args.sites, work)
         print(f"{len(runs)} federations in {time.perf_counter() - started:.0f}s")
-        for (alpha, strategy, mode), sim in zip(settings, sims, strict=True):
-            rows.append(_row(alpha, strategy, mode, sim, baselines.get((alpha, mode))))
+        for (seed, alpha, strategy, mode, bn), sim in zip(settings, sims, strict=True):
+            row = _row(alpha, strategy, mode, sim, baselines.get((seed, alpha, mode, bn)))
+            rows.append({"seed": seed, "batchnorm_stats": bn, **row})
     _print_table(rows, args)
+    summary = _over_seeds(rows)
+    if len(args.seeds) > 1:
+        _print_summary(summary, args.seeds)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+        out = {"pretrained": pretrained, "rows": rows, "over_seeds": summary}
+        args.json.write_text(json.dumps(out, indent=1), encoding="utf-8")
 
 
 def _row(
@@ -304,12 +369,68 @@ def _row(
     if baselines is not None:
         row.update(
             centralized=baselines.centralized,
-            mean_local=baselines.mean_local,
-            best_local=baselines.best_local,
             fed_vs_central=sim.accuracy / baselines.centralized,
-            fed_vs_mean_local=sim.accuracy / baselines.mean_local,
         )
+        if baselines.local_only:
+            row.update(
+                mean_local=baselines.mean_local,
+                best_local=baselines.best_local,
+                fed_vs_mean_local=sim.accuracy / baselines.mean_local,
+            )
     return row
+
+
+SPREAD_KEYS = ("federated", "centralized", "fed_vs_central", "mean_local", "fed_vs_mean_local")
+
+
+def _over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per setting: mean, min and max over seeds of each accuracy and ratio."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        key = (r["alpha"], r["strategy"], r["mode"], r["batchnorm_stats"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (alpha, strategy, mode, bn), members in groups.items():
+        entry: dict[str, Any] = {
+            "alpha": alpha,
+            "strategy": strategy,
+            "mode": mode,
+            "batchnorm_stats": bn,
+            "seeds": [r["seed"] for r in members],
+        }
+        for key in SPREAD_KEYS:
+            values = [float(r[key]) for r in members if key in r]
+            if values:
+                entry[key] = {
+                    "mean": statistics.fmean(values),
+                    "min": min(values),
+                    "max": max(values),
+                }
+        out.append(entry)
+    return out
+
+
+def _print_summary(summary: list[dict[str, Any]], seeds: list[int]) -> None:
+    print(f"\nover seeds {' '.join(str(s) for s in seeds)}: mean [min-max]")
+    print(
+        f"{'alpha':>5} {'strategy':<8} {'mode':<5} {'bn':<6} {'fed %':>18} {'central %':>18} "
+        f"{'fed/central':>21}"
+    )
+
+    def spread(stat: dict[str, float] | None, scale: float, digits: int) -> str:
+        if stat is None:
+            return "-"
+        return (
+            f"{scale * stat['mean']:.{digits}f} [{scale * stat['min']:.{digits}f}-"
+            f"{scale * stat['max']:.{digits}f}]"
+        )
+
+    for e in summary:
+        print(
+            f"{e['alpha']:>5g} {e['strategy']:<8} {e['mode']:<5} {e['batchnorm_stats']:<6} "
+            f"{spread(e.get('federated'), 100, 1):>18} {spread(e.get('centralized'), 100, 1):>18} "
+            f"{spread(e.get('fed_vs_central'), 1, 3):>21}"
+        )
 
 
 def _print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
@@ -318,10 +439,12 @@ def _print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f"\n{args.sites} sites ({sampled} per round), {args.rounds} rounds x "
         f"{args.local_epochs} local epoch(s), model {args.model}, lora rank {args.lora_rank}, "
         f"lr {args.lr:g}, batch {args.batch_size}, momentum {args.momentum:g}, "
+        f"lora alpha {args.lora_alpha or 2 * args.lora_rank}, "
         f"fedprox mu {args.proximal_mu:g}, fedadam eta {args.server_lr:g}, "
         f"fedavgm momentum {args.server_momentum:g} lr {args.server_momentum_lr:g}"
     )
     head = (
+        f"{'seed':>4} {'bn':<6} "
         f"{'alpha':>5} {'strategy':<8} {'mode':<5} {'fed':>6} {'central':>7} {'local':>6} "
         f"{'fed/central':>11} {'fed/local':>9} {'KiB up/round':>12} {'s/round':>7} {'peak GB':>7}"
     )
@@ -332,6 +455,7 @@ def _print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         vs_central = f"{r['fed_vs_central']:11.3f}" if "fed_vs_central" in r else f"{'-':>11}"
         vs_local = f"{r['fed_vs_mean_local']:9.2f}" if "fed_vs_mean_local" in r else f"{'-':>9}"
         print(
+            f"{r['seed']:>4} {r['batchnorm_stats']:<6} "
             f"{r['alpha']:>5g} {r['strategy']:<8} {r['mode']:<5} {100 * r['federated']:5.1f}% "
             f"{central} {local} {vs_central} {vs_local} "
             f"{r['bytes_up_per_site_round'] / 1024:12.1f} {r['seconds_per_round']:7.1f} "

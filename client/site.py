@@ -203,6 +203,7 @@ class Site:
                 self.device,
                 momentum=self.cfg.momentum,
                 proximal_mu=mu,
+                freeze_batchnorm_stats=self.cfg.freezes_batchnorm_stats(),
             )
         out = self.get_parameters()
         if self.cfg.privacy.dp == "site":
@@ -250,6 +251,7 @@ class Site:
             proximal_mu=mu,
             optimizer=optimizer,
             mixed_precision=False,
+            freeze_batchnorm_stats=self.cfg.freezes_batchnorm_stats(),
         )
         return result, {
             **ledger_metrics,

@@ -60,6 +60,7 @@ def _write_image_folder(root: Path, per_class: dict[str, int], size: int = 10) -
         ("breast-cancer:public", DataSpec("breast-cancer", "public", None, None, 0.5)),
         ("digits#1/3", DataSpec("digits", "train", 1, 3, 0.5)),
         ("digits#1/3?alpha=0.3", DataSpec("digits", "train", 1, 3, 0.3)),
+        ("digits#1/3?seed=7&alpha=0.3", DataSpec("digits", "train", 1, 3, 0.3, 7)),
         ("digits:test#0/2", DataSpec("digits", "test", 0, 2, 0.5)),
         ("/data/site-a", DataSpec("/data/site-a", "train", None, None, 0.5)),
         ("/data/a.csv#2/4", DataSpec("/data/a.csv", "train", 2, 4, 0.5)),
@@ -86,6 +87,8 @@ def test_parse_valid_specs(text: str, expected: DataSpec) -> None:
         ("digits#0/2?beta=1", "unknown data option 'beta'"),
         ("digits#0/2?alpha=x", "bad number"),
         ("digits#0/2?alpha=0", "alpha must be positive"),
+        ("digits#0/2?alpha=0.5&seed=1.5", "bad seed"),
+        ("digits#0/2?seed=-1", "seed must be in"),
     ],
 )
 def test_parse_rejects_bad_specs(text: str, message: str) -> None:
@@ -147,6 +150,12 @@ def test_dirichlet_partitions_disjoint_cover_deterministic_non_iid(digits_task: 
     part = load_data("digits#1/3?alpha=0.3", digits_task)
     np.testing.assert_array_equal(part.y, pool.y[index[1]])
     np.testing.assert_array_equal(part.x, pool.x[index[1]])
+    # Another seed draws another split (the benchmark's seeds); the spec passes it through.
+    reseeded = dirichlet_partition(pool.y, 3, 0.3, seed=7)
+    assert not np.array_equal(reseeded[1], index[1])
+    np.testing.assert_array_equal(
+        load_data("digits#1/3?alpha=0.3&seed=7", digits_task).y, pool.y[reseeded[1]]
+    )
 
     # Non-IID: label histograms differ a lot between partitions (an IID split would put
     # roughly a third of each class in each partition) ...

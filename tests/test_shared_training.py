@@ -191,3 +191,40 @@ def test_head_mode_keeps_the_frozen_backbone_batchnorm_statistics() -> None:
     x = rng.normal(size=(16, 3, 32, 32)).astype(np.float32)
     train(model, make_loader(x, rng.integers(0, 10, 16), 8, True), 1, 0.05, CPU)
     assert torch.equal(model.bn1.running_mean, before)
+
+
+def test_frozen_batchnorm_stats_keep_running_statistics_while_everything_trains() -> None:
+    """``freeze_batchnorm_stats``: BatchNorm normalises with its initial statistics, and its
+    affine weights and every other layer still train (full-mode fine-tuning)."""
+    rng = np.random.default_rng(0)
+    x = (3 + 2 * rng.normal(size=(32, 4))).astype(np.float32)  # far from mean 0, var 1
+    y = rng.integers(0, 2, 32)
+
+    def trained(freeze: bool) -> nn.Sequential:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+        train(model, make_loader(x, y, 8, True), 1, 0.05, CPU, freeze_batchnorm_stats=freeze)
+        return model
+
+    start = nn.BatchNorm1d(3).state_dict()
+    frozen, moving = trained(True), trained(False)
+    bn = frozen[1]
+    assert torch.equal(bn.running_mean, start["running_mean"])
+    assert torch.equal(bn.running_var, start["running_var"])
+    assert int(bn.num_batches_tracked) == 0
+    assert not torch.equal(bn.weight.detach(), start["weight"])  # affine weights learn
+    assert not torch.equal(moving[1].running_mean, start["running_mean"])  # the default moves
+
+
+def test_batchnorm_stats_config_resolves_per_mode_and_init_weights() -> None:
+    from fedge.shared.errors import ConfigError
+
+    assert not RunConfig(batchnorm_stats="train").freezes_batchnorm_stats()  # PyTorch's way
+    auto = RunConfig(init_weights="w.safetensors")  # the default: "auto"
+    assert auto.batchnorm_stats == "auto" and auto.freezes_batchnorm_stats()
+    assert not auto.replace(init_weights="").freezes_batchnorm_stats()  # from scratch
+    assert not auto.replace(mode="lora").freezes_batchnorm_stats()  # backbone frozen anyway
+    assert RunConfig(batchnorm_stats="frozen").freezes_batchnorm_stats()
+    assert RunConfig.from_flower({"batchnorm-stats": "frozen"}).freezes_batchnorm_stats()
+    with pytest.raises(ConfigError, match="unknown batchnorm-stats 'eval'"):
+        RunConfig(batchnorm_stats="eval")

@@ -5,7 +5,9 @@ A data *spec* is the string a site gives ``fedge client start --data``:
 - ``digits`` / ``breast-cancer``: a built-in set (its federated ``train`` pool);
 - ``digits:test`` (or ``:public``, ``:train``): one fixed split of a built-in set;
 - ``digits#2/3``: partition 2 of 3 of the train pool, non-IID (Dirichlet, see
-  ``fedge.shared.ml.partition``); ``digits#2/3?alpha=0.3`` sets the concentration;
+  ``fedge.shared.ml.partition``); ``digits#2/3?alpha=0.3`` sets the concentration,
+  ``digits#2/3?alpha=0.3&seed=7`` also the seed of the draw (default 42; every site of
+  a federation must give the same alpha and seed, or their partitions overlap);
 - ``/path/to/folder``: an image folder with one subfolder per class;
 - ``/path/to/file.csv``: a CSV with a label column (``label`` unless the task says).
 
@@ -21,6 +23,7 @@ import numpy as np
 
 from fedge.shared.config import RunConfig
 from fedge.shared.errors import DataError
+from fedge.shared.ml.partition import PARTITION_SEED
 from fedge.shared.model_names import TORCHVISION_MIN_SIZE, imagenet_backbone
 from fedge.shared.tasks import BUILTIN_TASKS, TabularPreprocessing, TaskSpec, image_task
 
@@ -53,6 +56,7 @@ class DataSpec:
     partition: int | None = None
     num_partitions: int | None = None
     alpha: float = 0.5
+    seed: int = PARTITION_SEED
 
     @property
     def is_builtin(self) -> bool:
@@ -65,12 +69,17 @@ class DataSpec:
             raise DataError("empty data spec")
         base, _, query = text.partition("?")
         base, _, part = base.partition("#")
-        alpha = 0.5
-        if query:
-            key, _, value = query.partition("=")
-            if key != "alpha":
-                raise DataError(f"unknown data option {key!r} in {text!r}; only 'alpha' exists")
-            alpha = _positive_float(value, text)
+        alpha, seed = 0.5, PARTITION_SEED
+        for option in query.split("&") if query else []:
+            key, _, value = option.partition("=")
+            if key == "alpha":
+                alpha = _positive_float(value, text)
+            elif key == "seed":
+                seed = _seed(value, text)
+            else:
+                raise DataError(
+                    f"unknown data option {key!r} in {text!r}; only 'alpha' and 'seed' exist"
+                )
         source, split = base, "train"
         if base.split(":")[0] in BUILTIN_TASKS and ":" in base:
             source, split = base.split(":", 1)
@@ -85,7 +94,7 @@ class DataSpec:
             if not 0 <= p < n:
                 raise DataError(f"partition index {p} is not in 0..{n - 1} in {text!r}")
             partition, num = p, n
-        return DataSpec(source, split, partition, num, alpha)
+        return DataSpec(source, split, partition, num, alpha, seed)
 
 
 def _positive_float(value: str, text: str) -> float:
@@ -96,6 +105,16 @@ def _positive_float(value: str, text: str) -> float:
     if number <= 0:
         raise DataError(f"alpha must be positive in {text!r}")
     return number
+
+
+def _seed(value: str, text: str) -> int:
+    try:
+        seed = int(value)
+    except ValueError as e:
+        raise DataError(f"bad seed {value!r} in {text!r}; write a whole number") from e
+    if not 0 <= seed < 2**32:  # numpy's seed range
+        raise DataError(f"seed must be in [0, 2**32) in {text!r}")
+    return seed
 
 
 def builtin_split_indices(n: int) -> dict[str, np.ndarray]:
@@ -249,7 +268,7 @@ def load_data(spec: DataSpec | str, task: TaskSpec, label_column: str = "label")
         from fedge.shared.ml.partition import dirichlet_partition
 
         try:
-            parts = dirichlet_partition(data.y, spec.num_partitions, spec.alpha)
+            parts = dirichlet_partition(data.y, spec.num_partitions, spec.alpha, spec.seed)
         except ValueError as e:  # flwr-datasets: too few examples for this many partitions
             raise DataError(
                 f"cannot split the {len(data)} examples of {spec.source!r} into "

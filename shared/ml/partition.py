@@ -5,7 +5,9 @@ import numpy as np
 PARTITION_SEED = 42
 
 
-def dirichlet_partition(labels: np.ndarray, num_partitions: int, alpha: float) -> list[np.ndarray]:
+def dirichlet_partition(
+    labels: np.ndarray, num_partitions: int, alpha: float, seed: int = PARTITION_SEED
+) -> list[np.ndarray]:
     """Split example indices into ``num_partitions`` label-skewed parts.
 
     flwr-datasets' ``DirichletPartitioner`` draws each class's share per
@@ -14,6 +16,7 @@ def dirichlet_partition(labels: np.ndarray, num_partitions: int, alpha: float) -
     downloaded). Every partition gets at least a few examples: at most 10 and
     at most half the mean partition size (a minimum equal to the mean size
     can only be met by an exactly even split, which Dirichlet draws never give).
+    ``seed`` fixes the draw: the same seed gives every site the same split.
     """
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner
@@ -25,7 +28,7 @@ def dirichlet_partition(labels: np.ndarray, num_partitions: int, alpha: float) -
         alpha=alpha,
         min_partition_size=min(10, len(labels) // (2 * max(num_partitions, 1))),
         self_balancing=True,
-        seed=PARTITION_SEED,
+        seed=seed,
     )
     partitioner.dataset = table
     return [

@@ -74,11 +74,18 @@ def _step(
         optimizer.original_optimizer.step()  # type: ignore[attr-defined]
 
 
-def _keep_frozen_batchnorm_fixed(model: nn.Module) -> None:
-    """A frozen backbone keeps its BatchNorm statistics too (head mode): eval mode."""
+def _keep_batchnorm_stats_fixed(model: nn.Module, all_layers: bool) -> None:
+    """BatchNorm layers that keep their running statistics: eval mode.
+
+    A frozen backbone keeps its statistics too (head, LoRA mode). ``all_layers`` also fixes
+    those of BatchNorm layers that train: they then normalise with the initial weights'
+    statistics, and only their affine weights (and everything else) learn. Fine-tuning a
+    pretrained model on small, label-skewed sites needs this: each site's batch statistics
+    describe its few classes, and the average of ten such estimates is no network's.
+    """
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-            p.requires_grad for p in module.parameters(recurse=False)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+            all_layers or not any(p.requires_grad for p in module.parameters(recurse=False))
         ):
             module.eval()
 
@@ -94,15 +101,17 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     on_batch: Callable[[], None] | None = None,
     mixed_precision: bool = True,
+    freeze_batchnorm_stats: bool = False,
 ) -> Metrics:
     """Train ``model`` in place with SGD; returns the metrics of the last epoch.
 
     ``proximal_mu`` > 0 adds FedProx's proximal term towards the weights the
     model had on entry (to the gradient; the reported loss is the data loss). An
-    ``optimizer`` may be passed in (DP-SGD wraps its own).
+    ``optimizer`` may be passed in (DP-SGD wraps its own). ``freeze_batchnorm_stats``
+    keeps every BatchNorm layer's running statistics (``RunConfig.freezes_batchnorm_stats``).
     """
     model.to(device).train()
-    _keep_frozen_batchnorm_fixed(model)
+    _keep_batchnorm_stats_fixed(model, freeze_batchnorm_stats)
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer is None:
         optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
