@@ -52,6 +52,28 @@ class DemoOptions:
     privacy: bool = True
 
 
+def check_options(options: DemoOptions) -> None:
+    """Refuse what the demo cannot run.
+
+    SecAgg+ needs at least 3 sites: Flower's workflow refuses fewer shares, and with 2
+    sites each would learn the other's update from the sum.
+
+    Raises
+    ------
+    ConfigError
+        Fewer than 2 sites, fewer than 1 round, or privacy on with fewer than 3 sites.
+    """
+    if options.clients < 2:
+        raise ConfigError("the demo needs at least 2 clients")
+    if options.rounds < 1:
+        raise ConfigError("the demo needs at least 1 round")
+    if options.privacy and options.clients < 3:
+        raise ConfigError(
+            f"the demo's SecAgg+ needs at least 3 sites, not {options.clients}",
+            hint="use --clients 3 or more, or --no-privacy",
+        )
+
+
 def demo_config(options: DemoOptions, init_weights: Path) -> RunConfig:
     """The run config of the demo: pretrained CNN, full fine-tuning, FedAvg."""
     privacy = PrivacyConfig()
@@ -167,6 +189,7 @@ def _fresh_workspace(out: Path) -> None:
 def run_demo(options: DemoOptions, console: Console) -> dict[str, Any]:
     """Run the demo end to end; returns (and writes) ``OUT/summary.json``."""
     started = time.monotonic()
+    check_options(options)  # before minutes of pretraining, not after
     out = options.out.resolve()
     options = DemoOptions(out, options.clients, options.rounds, options.privacy)
     _fresh_workspace(out)

@@ -10,6 +10,7 @@ the rename itself survives a power cut. Reading such a file back goes through
 import fcntl
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -155,9 +156,15 @@ def read_json_object(
     if path.is_symlink() or not path.is_file():
         raise (missing or error)(f"{what} {path} does not exist or is not a regular file", hint)
     try:
-        with open(path, "rb") as handle:
+        # O_NOFOLLOW and a check of what was opened: the file may be swapped for a link or a
+        # FIFO after the check above (O_NONBLOCK: opening a FIFO does not wait for a writer).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as handle:
+            opened = os.fstat(handle.fileno())
+            if not stat.S_ISREG(opened.st_mode):
+                raise (missing or error)(f"{what} {path} is not a regular file", hint)
             # Read what the file holds, not ``limit`` bytes: Python allocates what it is asked.
-            size = os.fstat(handle.fileno()).st_size
+            size = opened.st_size
             raw = handle.read(min(size, limit) + 1)
     except OSError as e:
         raise error(f"{what} {path} is unreadable ({e.strerror})", hint) from e

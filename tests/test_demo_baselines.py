@@ -101,3 +101,20 @@ def test_the_demo_leaves_room_that_no_site_alone_can_fill(tmp_path: Path) -> Non
         # Each site holds mostly a few digits: its five most common ones are >= 90 % of it.
         counts = sorted(np.bincount(load_site_data(cfg, spec, "label").y_train, minlength=10))
         assert sum(counts[-5:]) >= 0.9 * sum(counts), (spec, counts)
+
+
+def test_demo_options_the_demo_cannot_run_are_refused_before_pretraining(tmp_path):
+    """``--clients 2`` with privacy used to die after pretraining, at SecAgg+'s share check."""
+    from rich.console import Console
+
+    from fedge.demo.pipeline import DemoOptions, check_options, run_demo
+    from fedge.shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="SecAgg\\+ needs at least 3 sites") as caught:
+        run_demo(DemoOptions(tmp_path / "out", clients=2, rounds=1), Console())
+    assert "--no-privacy" in caught.value.hint
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+    check_options(DemoOptions(tmp_path, clients=2, rounds=1, privacy=False))  # plain path: fine
+    for clients, rounds in [(1, 1), (3, 0)]:
+        with pytest.raises(ConfigError):
+            check_options(DemoOptions(tmp_path, clients=clients, rounds=rounds))

@@ -88,6 +88,21 @@ def test_the_part_limit_is_configurable_and_counts_files(bundle: Path, keys) -> 
         assert refused.status_code == 413 and "parts" in refused.json()["error"]
 
 
+def test_raw_tensor_bodies_over_the_batch_limit_are_refused_before_parsing(
+    bundle: Path, keys
+) -> None:
+    """Raw tensors are parsed on the event loop, so their count is checked before any pass."""
+    config = ServeConfig(trusted_key=keys[1], bundle=bundle, max_batch=4)
+    headers = {"content-type": "application/octet-stream"}
+    with TestClient(create_app(config)) as c:
+        ok = c.post("/predict", content=np.zeros((4, 1, 8, 8), "<f4").tobytes(), headers=headers)
+        assert ok.status_code == 200, ok.text
+        # NaNs would be a 422 if the bytes were looked at: a 413 means they were not.
+        over = np.full((5, 1, 8, 8), np.nan, "<f4").tobytes()
+        refused = c.post("/predict", content=over, headers=headers)
+        assert refused.status_code == 413 and "5 examples" in refused.json()["error"]
+
+
 # ------------------------------------------------------------------ finding 2: 500s
 
 

@@ -75,6 +75,6 @@ def test_an_unreadable_file_is_refused(tmp_path: Path, monkeypatch: pytest.Monke
         # What a disk error or a missing permission raises (root ignores chmod 0).
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("fedge.shared.atomic.open", failing_open, raising=False)
+    monkeypatch.setattr("fedge.shared.atomic.os.open", failing_open)
     with pytest.raises(SecurityError, match=r"is unreadable \(Permission denied\)"):
         read_json_object(path, 100, SecurityError, "thing")
