@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fedge.shared.errors import FedgeError
+from fedge.shared.errors import ConfigError, FedgeError
 
 
 def fsync_dir(directory: Path) -> None:
@@ -182,16 +182,21 @@ def read_json_object(
 
 
 @contextmanager
-def exclusive_lock(lock_path: Path | str) -> Iterator[None]:
+def exclusive_lock(lock_path: Path | str, busy: str | None = None) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``lock_path`` (created if missing) for the block.
 
     Serialises read-modify-write of a state file between processes (two CLI commands, the
     ClientApps of one site, serving workers); the kernel drops the lock if a holder dies.
+    With ``busy`` it does not wait: a held lock raises ``ConfigError(busy)`` at once (one
+    agent per device folder, one federated export per run).
     """
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except BlockingIOError as e:
+            raise ConfigError(str(busy)) from e
         try:
             yield
         finally:

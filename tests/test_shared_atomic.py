@@ -78,3 +78,26 @@ def test_an_unreadable_file_is_refused(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr("fedge.shared.atomic.os.open", failing_open)
     with pytest.raises(SecurityError, match=r"is unreadable \(Permission denied\)"):
         read_json_object(path, 100, SecurityError, "thing")
+
+
+def test_a_busy_lock_refuses_at_once_and_is_free_again_after_release(
+    tmp_path: Path,
+) -> None:
+    from fedge.edge.device.activation import AgentDir
+    from fedge.shared.atomic import exclusive_lock
+    from fedge.shared.errors import ConfigError
+
+    with (
+        exclusive_lock(tmp_path / "x.lock", "x is busy"),
+        pytest.raises(ConfigError, match="x is busy"),
+        exclusive_lock(tmp_path / "x.lock", "x is busy"),
+    ):
+        pass
+    with exclusive_lock(tmp_path / "x.lock"):  # released: a waiting lock gets it
+        pass
+    with (
+        AgentDir(tmp_path / "device").exclusive(),
+        pytest.raises(ConfigError, match="another fedge agent is already running"),
+        AgentDir(tmp_path / "device").exclusive(),
+    ):
+        pass

@@ -15,17 +15,15 @@ was fully written and verified).
 """
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fedge.shared.atomic import atomic_write_json, fsync_dir, fsync_tree
+from fedge.shared.atomic import atomic_write_json, exclusive_lock, fsync_dir, fsync_tree
 from fedge.shared.errors import BundleError, ConfigError
 from fedge.shared.fleet_protocol import is_version
 
@@ -57,19 +55,10 @@ class AgentDir:
         for leftover in self.versions.glob(".*"):
             shutil.rmtree(leftover, ignore_errors=True)
 
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
         """Hold the directory's lock: two agents on one directory would fight over ``current``."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".agent.lock", "a+") as handle:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as e:
-                raise ConfigError(f"another fedge agent is already running on {self.root}") from e
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        busy = f"another fedge agent is already running on {self.root}"
+        return exclusive_lock(self.root / ".agent.lock", busy)
 
     # -- versions ------------------------------------------------------------------------------
 

@@ -9,9 +9,8 @@ privacy settings apply: a run trained with SecAgg+ is evaluated with SecAgg+.
 """
 
 import contextlib
-import fcntl
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,9 @@ import numpy as np
 
 from fedge.shared import artifact_job_dir
 from fedge.shared import federated_counts as fc
+from fedge.shared.atomic import exclusive_lock
 from fedge.shared.config import RunConfig
-from fedge.shared.errors import ConfigError, RunError
+from fedge.shared.errors import RunError
 
 log = logging.getLogger(__name__)
 
@@ -88,24 +88,14 @@ class FederatedEvaluation:
 LOCK_FILE = "federated-export.lock"
 
 
-@contextlib.contextmanager
-def one_export_at_a_time(run_dir: Path) -> Iterator[None]:
+def one_export_at_a_time(run_dir: Path) -> contextlib.AbstractContextManager[None]:
     """Hold the run's export lock, or fail at once if another export holds it.
 
     Every job of an export is staged in the same ``<run_dir>/federated-export/``; a second
     export of the run started meanwhile would replace the first one's job and result.
     """
-    with open(Path(run_dir) / LOCK_FILE, "a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise ConfigError(
-                f"another federated export of {run_dir} is running; wait for it to finish"
-            ) from e
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    busy = f"another federated export of {run_dir} is running; wait for it to finish"
+    return exclusive_lock(Path(run_dir) / LOCK_FILE, busy)
 
 
 def job_config(cfg: RunConfig, run_dir: Path, target: FederatedTarget) -> RunConfig:
