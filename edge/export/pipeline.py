@@ -576,15 +576,10 @@ def export_bundle(
         if calibration_spec
         else None
     )
-    run_dir = run_dir_of(source, ckpt.path)
-    summary = read_summary(run_dir)
-    card = source_card(ckpt, cfg, run_dir, summary)
-    card["export"] = {
-        "formats": list(formats),
-        "quantize": list(quantize),
-        "calibration": describe_spec(calibration_spec),
-        "calibration_examples": 0 if calibration_set is None else len(calibration_set),
-    }
+    run_dir, summary, card = _run_card(
+        source, ckpt, cfg, formats, quantize, describe_spec(calibration_spec),
+        0 if calibration_set is None else len(calibration_set),
+    )  # fmt: skip
     return export_model(
         model,
         ckpt.task,
@@ -605,6 +600,28 @@ def export_bundle(
         eval_spec=eval_spec,
         console=console,
     )
+
+
+def _run_card(
+    source: Path,
+    ckpt: Any,
+    cfg: Any,
+    formats: Sequence[str],
+    quantize: Sequence[str],
+    calibration: str | None,
+    calibration_examples: int | None,
+) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """The run's folder, its summary, and the model card with what this export does."""
+    run_dir = run_dir_of(source, ckpt.path)
+    summary = read_summary(run_dir)
+    card = source_card(ckpt, cfg, run_dir, summary)
+    card["export"] = {
+        "formats": list(formats),
+        "quantize": list(quantize),
+        "calibration": calibration,
+        "calibration_examples": calibration_examples,
+    }
+    return run_dir, summary, card
 
 
 def _export_bundle_federated(
@@ -637,15 +654,11 @@ def _export_bundle_federated(
             "--federated calibrates and validates at the sites; it takes no --calibration "
             "or --eval-data (drop them, or drop --federated to use central data)"
         )
-    run_dir = run_dir_of(source, ckpt.path)
-    summary = read_summary(run_dir)
-    card = source_card(ckpt, cfg, run_dir, summary)
-    card["export"] = {
-        "formats": list(formats),
-        "quantize": list(quantize),
-        "calibration": "federated activation histograms (2 passes)" if needs_calibration else None,
-        "calibration_examples": None,
-    }
+    calibration_source = "federated activation histograms (2 passes)"
+    run_dir, summary, card = _run_card(
+        source, ckpt, cfg, formats, quantize,
+        calibration_source if needs_calibration else None, None,
+    )  # fmt: skip
     report: ExportReport = export_federated(
         model, ckpt.task, out_dir, source=FederatedSource(cfg, run_dir, ckpt.path),
         target=federated, private_key=private_key,
